@@ -1,0 +1,1 @@
+"""Accounts, offices and members: the example domain whose events must run in order."""

@@ -1,0 +1,31 @@
+"""Per-key ordered execution of Celery tasks for Django projects."""
+
+from __future__ import annotations
+
+from .decorators import ordered_task
+from .exceptions import (
+    ConfigurationError,
+    InvalidKeyError,
+    OrderedTaskError,
+    UnsafeOptionError,
+    UnsafeWorkerOptionError,
+)
+from .partitioning import canonical_key, partition_for, queue_for
+from .plugin import install
+from .task import OrderedTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidKeyError",
+    "OrderedTask",
+    "OrderedTaskError",
+    "UnsafeOptionError",
+    "UnsafeWorkerOptionError",
+    "canonical_key",
+    "install",
+    "ordered_task",
+    "partition_for",
+    "queue_for",
+]

@@ -1,0 +1,155 @@
+"""The ``ORDERED_TASKS`` setting: one typed object, read lazily and validated."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+from django.conf import settings as django_settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .exceptions import ConfigurationError
+
+RouteKey = Union[str, int]
+
+DEFAULTS: dict[str, Any] = {
+    "PARTITIONS": 16,
+    "QUEUE_PREFIX": "ordered",
+    "ROUTES": {},
+    "CELERY_APP": None,
+}
+MAX_PARTITIONS = 4096
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:]*(\.[A-Za-z0-9_\-:]+)*$")
+_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the setting, in the words of a system check."""
+
+    id: str
+    msg: str
+    hint: str
+
+
+@dataclass(frozen=True)
+class OrderedTasksSettings:
+    """Validated values of ``settings.ORDERED_TASKS``."""
+
+    partitions: int = 16
+    queue_prefix: str = "ordered"
+    routes: tuple[tuple[re.Pattern[str], RouteKey], ...] = field(default_factory=tuple)
+    celery_app: str | None = None
+
+    def route_key_for(self, task_name: str) -> RouteKey | None:
+        """The key argument that ``ROUTES`` declares for ``task_name``, if any."""
+        for pattern, key in self.routes:
+            if pattern.match(task_name):
+                return key
+        return None
+
+    def queue_names(self) -> list[str]:
+        """Names of every partition queue."""
+        return [f"{self.queue_prefix}.{p}" for p in range(self.partitions)]
+
+    def partition_of_queue(self, name: str) -> int | None:
+        """Partition number of an ordered queue name, or None for other queues."""
+        head, sep, tail = name.rpartition(".")
+        if head != self.queue_prefix or not sep or not tail.isdigit():
+            return None
+        number = int(tail)
+        if str(number) != tail or number >= self.partitions:
+            return None
+        return number
+
+
+def _raw() -> Mapping[str, Any]:
+    return getattr(django_settings, "ORDERED_TASKS", None) or {}
+
+
+def find_problems(raw: Any) -> list[Problem]:
+    """Every problem of a raw ``ORDERED_TASKS`` value (empty list: valid)."""
+    if not isinstance(raw, Mapping):
+        return [Problem("ordered_tasks.E001", "ORDERED_TASKS must be a dict.",
+                        "Set ORDERED_TASKS = {\"PARTITIONS\": 16} in your settings.")]
+    problems: list[Problem] = []
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        problems.append(Problem(
+            "ordered_tasks.E002", f"ORDERED_TASKS has unknown keys: {', '.join(map(str, unknown))}.",
+            f"Valid keys are {', '.join(sorted(DEFAULTS))}; check the spelling."))
+    partitions = raw.get("PARTITIONS", DEFAULTS["PARTITIONS"])
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or not (
+        1 <= partitions <= MAX_PARTITIONS
+    ):
+        problems.append(Problem(
+            "ordered_tasks.E003", f"ORDERED_TASKS['PARTITIONS'] is {partitions!r}.",
+            f"Use a whole number from 1 to {MAX_PARTITIONS}; it is the number of "
+            "partition queues and the upper bound of parallelism."))
+    prefix = raw.get("QUEUE_PREFIX", DEFAULTS["QUEUE_PREFIX"])
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        problems.append(Problem(
+            "ordered_tasks.E004", f"ORDERED_TASKS['QUEUE_PREFIX'] is {prefix!r}.",
+            "Use letters, digits, '_', '-', ':' and inner dots, for example 'ordered'."))
+    problems.extend(_route_problems(raw.get("ROUTES", DEFAULTS["ROUTES"])))
+    app = raw.get("CELERY_APP", DEFAULTS["CELERY_APP"])
+    if app is not None and (not isinstance(app, str) or not app.strip()):
+        problems.append(Problem(
+            "ordered_tasks.E006", f"ORDERED_TASKS['CELERY_APP'] is {app!r}.",
+            "Use the dotted path of your Celery app, for example 'proj.celery:app', or leave it out."))
+    return problems
+
+
+def _route_problems(routes: Any) -> list[Problem]:
+    hint = ("ROUTES maps task-name patterns (glob strings as in task_routes, or "
+            "compiled regexes) to the key argument: a keyword name such as "
+            "'account_id', or a positional index such as 0.")
+    if not isinstance(routes, Mapping):
+        return [Problem("ordered_tasks.E005", f"ORDERED_TASKS['ROUTES'] is {routes!r}.", hint)]
+    problems = []
+    for pattern, key in routes.items():
+        if not isinstance(pattern, (str, re.Pattern)) or pattern == "":
+            problems.append(Problem(
+                "ordered_tasks.E005", f"ROUTES pattern {pattern!r} is not a task-name pattern.", hint))
+        valid_key = (isinstance(key, str) and _IDENTIFIER_RE.match(key)) or (
+            isinstance(key, int) and not isinstance(key, bool) and key >= 0)
+        if not valid_key:
+            problems.append(Problem(
+                "ordered_tasks.E005", f"ROUTES[{pattern!r}] is {key!r}, not a key argument.", hint))
+    return problems
+
+
+def _compile(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    return re.compile(fnmatch.translate(pattern))
+
+
+def build(raw: Any) -> OrderedTasksSettings:
+    """Validate a raw ``ORDERED_TASKS`` value and build the typed settings."""
+    problems = find_problems(raw)
+    if problems:
+        raise ConfigurationError("; ".join(f"{p.msg} {p.hint}" for p in problems))
+    merged = {**DEFAULTS, **raw}
+    return OrderedTasksSettings(
+        partitions=merged["PARTITIONS"],
+        queue_prefix=merged["QUEUE_PREFIX"],
+        routes=tuple((_compile(p), k) for p, k in merged["ROUTES"].items()),
+        celery_app=merged["CELERY_APP"],
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> OrderedTasksSettings:
+    """The current settings, read on first use and cached until they change."""
+    return build(_raw())
+
+
+@receiver(setting_changed)
+def _reset(setting: str, **_: Any) -> None:
+    if setting == "ORDERED_TASKS":
+        get_settings.cache_clear()

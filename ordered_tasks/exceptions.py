@@ -1,0 +1,25 @@
+"""Exceptions raised by ordered_tasks for mistakes a user can make."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class OrderedTaskError(Exception):
+    """Base class of every error ordered_tasks raises on purpose."""
+
+
+class InvalidKeyError(OrderedTaskError, ValueError):
+    """The ordering key of a task is missing, empty or of an unsupported type."""
+
+
+class UnsafeOptionError(OrderedTaskError, ValueError):
+    """A publish or task option would break per-key ordering."""
+
+
+class ConfigurationError(OrderedTaskError, ImproperlyConfigured):
+    """The ``ORDERED_TASKS`` setting or the Celery app is not usable."""
+
+
+class UnsafeWorkerOptionError(OrderedTaskError):
+    """A worker option would let two tasks of one partition overlap or reorder."""

@@ -1,0 +1,81 @@
+"""``manage.py ordered_worker``: launch and supervise the partition workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ordered_tasks.conf import get_settings
+from ordered_tasks.exceptions import OrderedTaskError
+from ordered_tasks.worker.options import (
+    POOLS,
+    check_celery_args,
+    child_hostname,
+    parse_partitions,
+    split_partitions,
+)
+from ordered_tasks.worker.supervisor import Child, Supervisor, child_env
+
+
+class Command(BaseCommand):
+    """Run ordered workers for some or all partitions."""
+
+    help = (
+        "Run Celery workers for the ordered partition queues, one task at a time per "
+        "worker, and supervise them. Safe Celery worker options go after '--', for "
+        "example: ordered_worker --processes 4 -- --loglevel INFO -E"
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--partitions", default=None,
+                            help="Partitions to serve, e.g. '0-7,12' (default: all).")
+        parser.add_argument("--processes", type=int, default=None,
+                            help="Worker processes to split them over "
+                                 "(default: CPU count, at most one per partition).")
+        parser.add_argument("--pool", choices=POOLS, default="prefork",
+                            help="Celery pool of each worker, always with one slot "
+                                 "(default: prefork).")
+        parser.add_argument("--hostname", default="ordered@%h",
+                            help="Node name template; worker i gets NAME-i@HOST "
+                                 "(default: ordered@%%h).")
+        parser.add_argument("--app", default=None,
+                            help="Celery app, as for 'celery -A' "
+                                 "(default: ORDERED_TASKS['CELERY_APP'] or the current app).")
+        parser.add_argument("celery_args", nargs="*",
+                            help="Further 'celery worker' options, after '--'.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            children = self.plan(options)
+        except OrderedTaskError as exc:
+            raise CommandError(str(exc)) from exc
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO,
+                                format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
+        env = child_env(settings.SETTINGS_MODULE, sys.path)
+        status = Supervisor(children, env).run()
+        if status:
+            raise CommandError(f"a worker exited with status {status}", returncode=status)
+
+    def plan(self, options: dict[str, Any]) -> list[Child]:
+        """Check the options and describe the worker processes to run."""
+        celery_args = list(options["celery_args"])
+        check_celery_args(celery_args)
+        conf = get_settings()
+        partitions = parse_partitions(options["partitions"], conf.partitions)
+        processes = options["processes"] or min(os.cpu_count() or 1, len(partitions))
+        children = []
+        for index, group in enumerate(split_partitions(partitions, processes)):
+            name = child_hostname(options["hostname"], index)
+            argv = [sys.executable, "-m", "ordered_tasks.worker.child",
+                    "--partitions", ",".join(map(str, group)), "--pool", options["pool"],
+                    "--hostname", name]
+            if options["app"]:
+                argv += ["--app", options["app"]]
+            children.append(Child(name=name, argv=[*argv, "--", *celery_args]))
+        return children

@@ -1,0 +1,48 @@
+"""Installing the router and the publish guard into Celery apps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, _state
+
+from .publish import PublishGuard
+from .routing import route_task
+
+ROUTER_PATH = "ordered_tasks.routing.route_task"
+
+
+def _routes_of(app: Celery) -> tuple[Any, ...]:
+    routes = app.conf.task_routes
+    if routes is None:
+        return ()
+    if isinstance(routes, (list, tuple)):
+        return tuple(routes)
+    return (routes,)
+
+
+def install(app: Celery) -> Celery:
+    """Make ``app`` route ordered tasks to partition queues (idempotent).
+
+    Puts :func:`~ordered_tasks.routing.route_task` first in ``task_routes``
+    and guards ``send_task_message``. ordered_tasks calls this for every
+    Celery app when Django loads the app registry; call it yourself for a
+    Celery app created later.
+    """
+    routes = _routes_of(app)
+    if not any(r is route_task or r == ROUTER_PATH for r in routes):
+        app.conf.task_routes = (route_task, *routes)
+        amqp = app.amqp
+        amqp.flush_routes()
+        amqp.__dict__.pop("router", None)
+    amqp = app.amqp
+    if not isinstance(amqp.send_task_message, PublishGuard):
+        amqp.send_task_message = PublishGuard(app, amqp.send_task_message)  # type: ignore[misc]
+    return app
+
+
+def install_everywhere() -> None:
+    """Install into every Celery app that exists now or is finalized later."""
+    _state.connect_on_app_finalize(install)
+    for app in list(_state._get_active_apps()):  # type: ignore[attr-defined]
+        install(app)

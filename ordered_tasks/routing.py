@@ -1,0 +1,46 @@
+"""The Celery router that sends ordered tasks to their partition queue."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from celery import Celery
+
+from .conf import get_settings
+from .keys import KeySpec
+from .options import KEY_HEADER, check_publish_options
+from .partitioning import partition_of
+from .queues import partition_queue
+
+
+def key_spec_for(app: Celery | None, name: str, task: Any = None) -> KeySpec | None:
+    """How to find the key of task ``name``: its own spec, else ``ROUTES``, else None."""
+    if task is None and app is not None:
+        registry: Any = app._tasks  # type: ignore[attr-defined]
+        task = registry.get(name)
+    spec = getattr(task, "ordered_key", None)
+    if isinstance(spec, KeySpec):
+        return spec
+    route_key = get_settings().route_key_for(name)
+    if route_key is None:
+        return None
+    return KeySpec.for_route(route_key, name)
+
+
+def route_task(name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None,
+               options: Mapping[str, Any], task: Any = None, **kw: Any) -> dict[str, Any] | None:
+    """Celery router (callable ``task_routes`` entry) for ordered tasks.
+
+    Returns ``{"queue": <partition queue>}`` for a locally registered ordered
+    task or a name matched by ``ORDERED_TASKS["ROUTES"]``, and ``None`` for
+    every other task so that the remaining routes apply.
+    """
+    spec = key_spec_for(None, name, task)
+    if spec is None:
+        return None
+    if KEY_HEADER in (options.get("headers") or {}):
+        return None  # OrderedTask.apply_async already chose and checked the queue.
+    check_publish_options(name, options)
+    conf = get_settings()
+    partition = partition_of(spec.canonical(args, kwargs), conf.partitions)
+    return {"queue": partition_queue(conf.queue_prefix, partition)}

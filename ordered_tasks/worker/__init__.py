@@ -1,0 +1,1 @@
+"""Worker side of ordered_tasks: launcher, supervisor and worker extensions."""

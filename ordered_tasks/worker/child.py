@@ -1,0 +1,86 @@
+"""One ordered worker process: a Celery worker locked to one task at a time.
+
+Started by the ``ordered_worker`` supervisor as
+``python -m ordered_tasks.worker.child --partitions 0,2 ... -- [celery flags]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from celery import Celery
+
+from ..exceptions import UnsafeWorkerOptionError
+from .options import POOLS, check_celery_args
+
+
+def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
+    """Make ``app`` a safe ordered worker for ``partitions``; return the queue names."""
+    from ..conf import get_settings
+    from ..plugin import install
+    from ..queues import partition_queue
+    from .hub import ReadyAwareHubStep
+
+    install(app)
+    conf = get_settings()
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.worker_concurrency = 1
+    app.conf.task_acks_late = True
+    queues = [partition_queue(conf.queue_prefix, p) for p in partitions]
+    for queue in queues:
+        app.amqp.queues.add(queue)
+    if ReadyAwareHubStep not in app.steps["worker"]:
+        app.steps["worker"].add(ReadyAwareHubStep)
+    app.finalize(auto=True)
+    check_tasks(app)
+    return [q.name for q in queues]
+
+
+def check_tasks(app: Celery) -> None:
+    """Refuse to start if an ordered task would be acknowledged before it runs."""
+    from ..routing import key_spec_for
+
+    for name, task in app.tasks.items():
+        if key_spec_for(app, name, task) is not None and not task.acks_late:
+            raise UnsafeWorkerOptionError(
+                f"Task {name} is ordered but has acks_late=False: its message would "
+                "be lost if the worker died while running it. Remove acks_late=False."
+            )
+
+
+def worker_argv(queues: Sequence[str], pool: str, hostname: str,
+                celery_args: Sequence[str]) -> list[str]:
+    """The ``celery worker`` arguments of one ordered worker process."""
+    return [
+        "worker", "--queues", ",".join(queues), "--concurrency", "1",
+        "--prefetch-multiplier", "1", "--pool", pool, "--hostname", hostname,
+        *celery_args,
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of a worker process (Django settings come from the environment)."""
+    parser = argparse.ArgumentParser(prog="ordered_tasks.worker.child")
+    parser.add_argument("--partitions", required=True)
+    parser.add_argument("--pool", choices=POOLS, default="prefork")
+    parser.add_argument("--hostname", required=True)
+    parser.add_argument("--app", default=None)
+    parser.add_argument("celery_args", nargs="*")
+    args = parser.parse_args(argv)
+    check_celery_args(args.celery_args)
+
+    import django
+
+    django.setup()
+    from ..celery_app import find_celery_app
+
+    app = find_celery_app(args.app)
+    partitions = [int(p) for p in args.partitions.split(",")]
+    queues = configure(app, partitions)
+    app.worker_main(worker_argv(queues, args.pool, args.hostname, args.celery_args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,40 @@
+"""Packaging of ordered_tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
+
+setup(
+    name="django-ordered-tasks",
+    version="0.1.0",
+    description="Per-key ordered execution of Celery tasks for Django projects.",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["ordered_tasks", "ordered_tasks.*"]),
+    package_data={"ordered_tasks": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "Django>=4.2,<6",
+        "celery[redis]>=5.4,<6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-django>=4.8",
+            "psycopg[binary]>=3.1",
+        ],
+        "lint": ["ruff>=0.6", "mypy>=1.10", "django-stubs>=5.0", "celery-types>=0.22"],
+        "docs": ["sphinx>=7"],
+    },
+    classifiers=[
+        "Framework :: Django",
+        "Framework :: Celery",
+        "Programming Language :: Python :: 3",
+        "Typing :: Typed",
+    ],
+)

@@ -1,0 +1,44 @@
+"""Django settings of the test suite; brokers and the database come from the environment."""
+
+from __future__ import annotations
+
+import os
+
+SECRET_KEY = "tests-not-secret"
+USE_TZ = True
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "ordered_tasks",
+    "tests.testapp",
+]
+
+if os.environ.get("TEST_DATABASE", "postgres") == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "ordered_tasks",
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+        }
+    }
+else:
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+CELERY_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+PLAIN_QUEUE = os.environ.get("TEST_PLAIN_QUEUE", "tests.plain")
+CELERY_TASK_ROUTES = {"tests.testapp.tasks.plain_record": {"queue": PLAIN_QUEUE}}
+
+ORDERED_TASKS = {
+    "PARTITIONS": int(os.environ.get("TEST_PARTITIONS", "8")),
+    "QUEUE_PREFIX": os.environ.get("TEST_QUEUE_PREFIX", "tests.ordered"),
+    "ROUTES": {"events.*": "key"},
+    "CELERY_APP": "tests.testapp.celery:app",
+}

@@ -1,0 +1,1 @@
+"""Django app holding the tasks the integration tests publish."""
