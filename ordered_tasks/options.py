@@ -32,10 +32,12 @@ DECORATOR_FORBIDDEN = ("queue", "exchange", "routing_key", "priority", "expires"
 def check_publish_options(task_name: str, options: Mapping[str, Any]) -> None:
     """Raise UnsafeOptionError if a publish option would break ordering."""
     for name in PUBLISH_FORBIDDEN:
-        if options.get(name) is not None:
+        value = options.get(name)
+        if value is not None:
+            shown = getattr(value, "name", value)  # a kombu Queue or Exchange by its name
             raise UnsafeOptionError(
                 f"{task_name} is an ordered task and cannot be published with "
-                f"{name}={options[name]!r}: {_WHY[name]}."
+                f"{name}={shown!r}: {_WHY[name]}."
             )
 
 

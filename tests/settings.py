@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 SECRET_KEY = "tests-not-secret"
 USE_TZ = True
@@ -13,7 +14,17 @@ INSTALLED_APPS = [
     "tests.testapp",
 ]
 
-if os.environ.get("TEST_DATABASE", "postgres") == "postgres":
+def _postgres_answers() -> bool:
+    try:
+        with socket.create_connection((os.environ.get("PGHOST", "127.0.0.1"), 5432), 1.0):
+            return True
+    except OSError:
+        return False
+
+
+# PostgreSQL where it runs (always in CI, where a missing service must fail); SQLite otherwise.
+_DEFAULT_DB = "postgres" if os.environ.get("CI") or _postgres_answers() else "sqlite"
+if os.environ.get("TEST_DATABASE", _DEFAULT_DB) == "postgres":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",

@@ -1,0 +1,180 @@
+"""Fixtures: real brokers, a Celery app per broker, and ordered_worker launched as users do."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Queue
+
+from tests.services import BROKERS, RESULTS_URL, require
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TEST_QUEUE_PREFIX", f"tests.{uuid.uuid4().hex[:8]}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import tests.testapp.tasks  # noqa: F401  (registers the test tasks on every app)
+
+
+@pytest.fixture(scope="session")
+def results() -> redis.Redis:
+    require(RESULTS_URL, 6379, "Redis (results)")
+    return redis.Redis.from_url(RESULTS_URL, decode_responses=True)
+
+
+@pytest.fixture(params=sorted(BROKERS), scope="session")
+def broker(request: pytest.FixtureRequest) -> str:
+    url = BROKERS[request.param]
+    require(url, 6379 if url.startswith("redis") else 5672, request.param)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_broker() -> str:
+    url = BROKERS["redis"]
+    require(url, 6379, "redis")
+    return url
+
+
+def make_app(broker_url: str) -> Celery:
+    """A Celery app like a producer's: Django settings, another broker, the plugin installed."""
+    from django.conf import settings
+
+    from ordered_tasks import install
+
+    app = Celery(f"tests-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(broker_url=broker_url, task_ignore_result=True, task_routes=settings.CELERY_TASK_ROUTES,
+                    broker_connection_retry_on_startup=True)
+    install(app)
+    app.finalize(auto=True)
+    return app
+
+
+@pytest.fixture(scope="session")
+def apps() -> Iterator[dict[str, Celery]]:
+    made: dict[str, Celery] = {}
+    yield made
+    for app in made.values():
+        app.close()
+
+
+@pytest.fixture
+def app(broker: str, apps: dict[str, Celery]) -> Celery:
+    if broker not in apps:
+        apps[broker] = make_app(broker)
+    purge_all(apps[broker])
+    return apps[broker]
+
+
+def ordered_queues() -> list[Queue]:
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.queues import partition_queue
+
+    conf = get_settings()
+    return [partition_queue(conf.queue_prefix, p) for p in range(conf.partitions)]
+
+
+def purge_all(app: Celery) -> None:
+    from django.conf import settings
+
+    with app.connection_for_write() as conn:
+        for queue in [*ordered_queues(), Queue(settings.PLAIN_QUEUE)]:
+            bound = queue(conn.default_channel)
+            bound.declare()
+            bound.purge()
+
+
+def queue_depths(app: Celery) -> dict[str, int]:
+    """Messages waiting in each ordered queue."""
+    depths = {}
+    with app.connection_for_write() as conn:
+        for queue in ordered_queues():
+            _, count, _ = queue(conn.default_channel).queue_declare()
+            depths[queue.name] = count
+    return depths
+
+
+class Workers:
+    """``manage.py ordered_worker`` running in a subprocess, as an operator starts it."""
+
+    def __init__(self, app: Celery, broker_url: str, processes: int, extra: list[str]) -> None:
+        self.app = app
+        self.name = f"t{uuid.uuid4().hex[:6]}"
+        self.processes = processes
+        env = {**os.environ, "TEST_BROKER_URL": broker_url, "PYTHONPATH": str(ROOT),
+               "DJANGO_SETTINGS_MODULE": "tests.settings"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes),
+             "--hostname", f"{self.name}@%h", *extra, "--", "--loglevel", "WARNING",
+             "--without-gossip", "--without-mingle"],
+            cwd=ROOT, env=env)
+
+    @property
+    def nodes(self) -> list[str]:
+        host = socket.gethostname()
+        return [f"{self.name}-{i}@{host}" for i in range(self.processes)]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        waiting = set(self.nodes)
+        while waiting:
+            assert self.process.poll() is None, "ordered_worker exited during start-up"
+            assert time.monotonic() < deadline, f"workers {sorted(waiting)} did not start"
+            for reply in self.app.control.ping(destination=sorted(waiting), timeout=0.5):
+                waiting -= set(reply)
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+                             capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@pytest.fixture
+def start_workers(app: Celery, broker: str) -> Iterator[Any]:
+    started: list[Workers] = []
+
+    def start(processes: int = 2, *extra: str, ready: bool = True) -> Workers:
+        workers = Workers(app, broker, processes, list(extra))
+        started.append(workers)
+        if ready:
+            workers.wait_ready()
+        return workers
+
+    yield start
+    for workers in started:
+        with contextlib.suppress(Exception):
+            workers.stop()
+
+
+def wait_done(results: redis.Redis, run: str, total: int, timeout: float = 120.0) -> int:
+    """Wait until ``total`` tasks of ``run`` recorded themselves; return how many did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = int(results.get(f"{run}:done") or 0)
+        if done >= total:
+            return done
+        time.sleep(0.05)
+    return int(results.get(f"{run}:done") or 0)

@@ -1,0 +1,80 @@
+"""Worker launch options: partition selection, refused Celery flags, the command's errors."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from ordered_tasks.exceptions import UnsafeWorkerOptionError
+from ordered_tasks.management.commands.ordered_worker import Command
+from ordered_tasks.worker.child import worker_argv
+from ordered_tasks.worker.options import check_celery_args, child_hostname, parse_partitions, split_partitions
+
+
+def test_parse_partitions() -> None:
+    assert parse_partitions(None, 4) == [0, 1, 2, 3]
+    assert parse_partitions("0-2,7, 5", 8) == [0, 1, 2, 5, 7]
+    assert parse_partitions("3,3,1-3", 8) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("spec", ["8", "0-8", "x", "3-1", "-1", "1-", ""])
+def test_parse_partitions_refuses(spec: str) -> None:
+    if spec == "":
+        assert parse_partitions(spec, 8) == list(range(8))
+        return
+    with pytest.raises(UnsafeWorkerOptionError):
+        parse_partitions(spec, 8)
+
+
+def test_split_round_robin() -> None:
+    assert split_partitions([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    with pytest.raises(UnsafeWorkerOptionError, match="more than the 2 partitions"):
+        split_partitions([0, 1], 3)
+    with pytest.raises(UnsafeWorkerOptionError):
+        split_partitions([0, 1], 0)
+
+
+@pytest.mark.parametrize("arg", ["-c", "-c4", "--concurrency=4", "--autoscale", "--prefetch-multiplier=4",
+                                 "-Q", "--queues", "-P", "--pool=gevent", "-B", "--purge", "--detach",
+                                 "-Ofair", "--pidfile=/run/x.pid"])
+def test_refused_celery_flags(arg: str) -> None:
+    with pytest.raises(UnsafeWorkerOptionError, match="does not accept the Celery option"):
+        check_celery_args(["--loglevel", "INFO", arg])
+
+
+def test_safe_celery_flags_pass() -> None:
+    check_celery_args(["--loglevel", "INFO", "-l", "DEBUG", "-E", "--without-gossip", "--max-tasks-per-child=50",
+                       "--time-limit", "300"])
+
+
+def test_hostnames() -> None:
+    assert child_hostname("ordered@%h", 3) == "ordered-3@%h"
+    assert child_hostname("billing", 0) == "billing-0@%h"
+
+
+def test_worker_argv_forces_one_task_at_a_time() -> None:
+    argv = worker_argv(["o.1", "o.3"], "prefork", "x-0@%h", ["-l", "INFO"])
+    assert argv[:9] == ["worker", "--queues", "o.1,o.3", "--concurrency", "1", "--prefetch-multiplier", "1",
+                        "--pool", "prefork"]
+    assert argv[-2:] == ["-l", "INFO"]
+
+
+def test_plan_splits_partitions_over_processes(settings) -> None:
+    settings.ORDERED_TASKS = {"PARTITIONS": 6}
+    children = Command().plan({"celery_args": ["-l", "INFO"], "partitions": "0-4", "processes": 2,
+                               "hostname": "o@%h", "pool": "threads", "app": None})
+    assert [c.name for c in children] == ["o-0@%h", "o-1@%h"]
+    first = children[0].argv
+    assert first[first.index("--partitions") + 1] == "0,2,4"
+    assert first[first.index("--pool") + 1] == "threads"
+    assert first[-3:] == ["--", "-l", "INFO"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--processes", "9"], "more than the 8 partitions"),
+    (["--partitions", "0-9"], "outside 0-7"),
+    (["--", "--concurrency", "8"], "one task at a time"),
+])
+def test_command_refuses_unsafe_options(argv: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("ordered_worker", *argv)
