@@ -7,6 +7,7 @@ from typing import Any
 from celery import Task
 
 from .conf import get_settings
+from .exceptions import UnsafeOptionError
 from .keys import KeySpec
 from .options import KEY_HEADER, PARTITION_HEADER, check_publish_options
 from .partitioning import partition_of
@@ -52,5 +53,18 @@ class OrderedTaskMixin:
         super().apply_async_on_commit(args, kwargs, **options)  # type: ignore[misc]
 
 
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse: Celery's retry republishes the task behind later tasks of its key."""
+        raise UnsafeOptionError(
+            f"{self.name} is an ordered task: Celery's retry() would republish it behind "
+            "later tasks of its key. Retry inside the task body instead."
+        )
+
+
 class OrderedTask(OrderedTaskMixin, Task):  # type: ignore[misc,type-arg]
-    """An ordered task on Celery's plain Task class (for ``base=`` and isinstance checks)."""
+    """An ordered task on Celery's plain Task class.
+
+    Tasks made by :func:`~ordered_tasks.ordered_task` derive from the app's
+    own Task class instead (``DjangoTask`` in a Django project); test for
+    them with ``isinstance(task, OrderedTaskMixin)``.
+    """

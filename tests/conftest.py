@@ -22,7 +22,6 @@ from kombu import Queue
 from tests.services import BROKERS, RESULTS_URL, require
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("TEST_QUEUE_PREFIX", f"tests.{uuid.uuid4().hex[:8]}")
 
 
 def pytest_configure(config: pytest.Config) -> None:

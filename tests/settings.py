@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 SECRET_KEY = "tests-not-secret"
 USE_TZ = True
@@ -49,7 +50,8 @@ CELERY_TASK_ROUTES = {"tests.testapp.tasks.plain_record": {"queue": PLAIN_QUEUE}
 
 ORDERED_TASKS = {
     "PARTITIONS": int(os.environ.get("TEST_PARTITIONS", "8")),
-    "QUEUE_PREFIX": os.environ.get("TEST_QUEUE_PREFIX", "tests.ordered"),
+    # Unique per test session; worker subprocesses inherit it through the environment.
+    "QUEUE_PREFIX": os.environ.setdefault("TEST_QUEUE_PREFIX", f"tests.{uuid.uuid4().hex[:8]}"),
     "ROUTES": {"events.*": "key"},
     "CELERY_APP": "tests.testapp.celery:app",
 }

@@ -56,7 +56,7 @@ def test_system_check_reports_bad_values(settings, value, check_id, fragment) ->
 
 def test_check_runs_through_manage_py_check(settings) -> None:
     settings.ORDERED_TASKS = {"PARTITIONS": 0}
-    with pytest.raises(SystemCheckError, match="ordered_tasks.E003"):
+    with pytest.raises(SystemCheckError, match=r"ordered_tasks\.E003"):
         call_command("check")
 
 

@@ -9,7 +9,7 @@ from celery import Celery, chain
 from django.db import transaction
 from kombu import Queue
 
-from ordered_tasks import InvalidKeyError, OrderedTaskError, UnsafeOptionError, ordered_task, partition_for
+from ordered_tasks import InvalidKeyError, UnsafeOptionError, ordered_task, partition_for
 from ordered_tasks.options import KEY_HEADER, PARTITION_HEADER
 from tests.conftest import ordered_queues, queue_depths
 
@@ -54,7 +54,7 @@ def test_delay_apply_async_and_signatures_route_by_key(app: Celery) -> None:
     task.s(run="r", key="acct-7", seq=3).apply_async()
     task.si("r", "acct-7", 4).delay()
     messages = assert_only_in_partition_of(app, "acct-7", count=4)
-    assert [m.payload[0] or m.payload[1] for m in messages][0] == ["r", "acct-7", 1]
+    assert messages[0].payload[0] == ["r", "acct-7", 1]
 
 
 def test_chain_takes_key_by_keyword(app: Celery) -> None:
@@ -112,7 +112,7 @@ def test_bad_keys_raise_before_the_broker(app: Celery, bad_key: Any) -> None:
 
 
 def test_missing_key_says_what_to_do(app: Celery) -> None:
-    with pytest.raises(InvalidKeyError, match="without its ordering key .*'key'.*by keyword"):
+    with pytest.raises(InvalidKeyError, match=r"without its ordering key .*'key'.*by keyword"):
         app.tasks[ORDERED].apply_async(kwargs={"run": "r", "seq": 1})
     with pytest.raises(InvalidKeyError, match="without its ordering key"):
         app.send_task("events.anything", kwargs={"run": "r"})
@@ -169,12 +169,19 @@ def test_decorator_rejects_unsafe_options(options: dict[str, Any]) -> None:
 
 
 def test_decorator_keeps_shared_task_options(app: Celery) -> None:
-    @ordered_task(key="account_id", name="tests.bound", bind=True, ignore_result=True)
+    name = f"tests.bound.{app.main}"
+
+    @ordered_task(key="account_id", name=name, bind=True, ignore_result=True)
     def bound(self: Any, account_id: int) -> str:
         return f"{self.name}:{account_id}"
 
-    task = app.tasks["tests.bound"]
+    task = app.tasks[name]
     assert task.ignore_result and task.acks_late
-    assert task.run(5) == "tests.bound:5"
+    assert task.run(5) == f"{name}:5"
     task.delay(account_id=5)
     assert_only_in_partition_of(app, 5)
+
+
+def test_retry_is_refused_with_advice(app: Celery) -> None:
+    with pytest.raises(UnsafeOptionError, match="Retry inside the task body"):
+        app.tasks[ORDERED].retry(countdown=1)

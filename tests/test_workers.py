@@ -1,0 +1,142 @@
+"""ordered_worker against real brokers: per-key order, supervision, clean shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from ordered_tasks import partition_for
+from tests.conftest import queue_depths, wait_done
+
+pytestmark = pytest.mark.integration
+ORDERED = "tests.testapp.tasks.ordered_record"
+
+
+def publish_interleaved(app: Celery, run: str, keys: int, per_key: int, seed: int = 1,
+                        slow: float = 0.0) -> int:
+    """Publish ``per_key`` tasks for each of ``keys`` keys, randomly interleaved, in order per key."""
+    rng = random.Random(seed)
+    next_seq = dict.fromkeys(range(keys), 0)
+    task = app.tasks[ORDERED]
+    total = keys * per_key
+    with app.producer_or_acquire() as producer:
+        for _ in range(total):
+            key = rng.choice([k for k, n in next_seq.items() if n < per_key])
+            next_seq[key] += 1
+            sleep = slow if rng.random() < 0.05 else 0.0
+            if key % 7 == 0:  # some arrive by name, as from another service
+                kwargs = {"run": run, "key": f"k{key}", "seq": next_seq[key], "sleep": sleep}
+                app.send_task("events.external_record", kwargs=kwargs, producer=producer)
+            else:
+                task.apply_async(kwargs={"run": run, "key": f"k{key}", "seq": next_seq[key], "sleep": sleep},
+                                 producer=producer)
+    return total
+
+
+def assert_in_order(results: redis.Redis, run: str, keys: int, per_key: int, redelivered: int = 0) -> None:
+    """Every key ran 1..per_key in order; at most ``redelivered`` tasks ran twice in a row."""
+    repeats = 0
+    for key in range(keys):
+        seqs = [int(s) for s in results.lrange(f"{run}:key:k{key}", 0, -1)]
+        collapsed = [s for i, s in enumerate(seqs) if i == 0 or s != seqs[i - 1]]
+        repeats += len(seqs) - len(collapsed)
+        assert collapsed == list(range(1, per_key + 1)), f"key k{key} ran as {seqs}"
+    assert repeats <= redelivered, f"{repeats} tasks ran twice"
+
+
+def assert_partitions_never_overlap(results: redis.Redis, run: str) -> None:
+    spans: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for entry in results.lrange(f"{run}:spans", 0, -1):
+        key, seq, start, end, _pid = entry.split("|")
+        spans[partition_for(key)].append((float(start), float(end), f"{key}#{seq}"))
+    for partition, items in spans.items():
+        items.sort()
+        for (_, end, a), (start, _, b) in itertools.pairwise(items):
+            assert start >= end, f"partition {partition}: {b} started before {a} ended"
+
+
+def test_thousands_of_interleaved_tasks_keep_per_key_order(app: Celery, start_workers: Any,
+                                                           results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    start_workers(3)
+    total = publish_interleaved(app, run, keys=300, per_key=10, slow=0.005)
+    assert wait_done(results, run, total) == total
+    assert_in_order(results, run, keys=300, per_key=10)
+    assert_partitions_never_overlap(results, run)
+    pids = {entry.rsplit("|", 1)[1] for entry in results.lrange(f"{run}:spans", 0, -1)}
+    assert len(pids) >= 3, "the work was not spread over the worker processes"
+
+
+def test_backlog_published_before_workers_start(app: Celery, start_workers: Any,
+                                                results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    total = publish_interleaved(app, run, keys=50, per_key=20, seed=2)
+    start_workers(2)
+    assert wait_done(results, run, total) == total
+    assert_in_order(results, run, keys=50, per_key=20)
+
+
+def test_plain_tasks_are_not_consumed_by_ordered_workers(app: Celery, start_workers: Any,
+                                                         results: redis.Redis) -> None:
+    from django.conf import settings
+
+    run = uuid.uuid4().hex
+    start_workers(1)
+    app.tasks["tests.testapp.tasks.plain_record"].delay(run, "k", 1)
+    app.tasks[ORDERED].delay(run, "k", 1)
+    assert wait_done(results, run, 1) == 1
+    time.sleep(1.0)
+    assert int(results.get(f"{run}:done")) == 1
+    with app.connection_for_write() as conn:
+        from kombu import Queue
+
+        _, waiting, _ = Queue(settings.PLAIN_QUEUE)(conn.default_channel).queue_declare()
+    assert waiting == 1
+
+
+def test_supervisor_restarts_a_killed_worker(app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    workers = start_workers(2)
+    victim = workers.child_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while victim in workers.child_pids() or len(workers.child_pids()) < 2:
+        assert time.monotonic() < deadline, "the killed worker was not restarted"
+        time.sleep(0.2)
+    workers.wait_ready()
+    run = uuid.uuid4().hex
+    total = publish_interleaved(app, run, keys=40, per_key=5, seed=3)
+    assert wait_done(results, run, total) == total
+    assert_in_order(results, run, keys=40, per_key=5)
+
+
+def test_sigterm_stops_cleanly_and_loses_nothing(app: Celery, start_workers: Any,
+                                                 results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    task = app.tasks[ORDERED]
+    total = 0
+    for seq in range(1, 41):
+        for key in range(5):
+            task.delay(run=run, key=f"k{key}", seq=seq, sleep=0.02)
+            total += 1
+    workers = start_workers(2)
+    while int(results.get(f"{run}:done") or 0) < 20:
+        time.sleep(0.02)
+    assert workers.stop() == 0
+    done = int(results.get(f"{run}:done") or 0)
+    assert 0 < done < total
+    waiting = sum(queue_depths(app).values())
+    # At-least-once: a task whose acknowledgement was still in flight may come back (one per worker).
+    assert total <= done + waiting <= total + 2, "a message was lost at shutdown"
+    start_workers(2)
+    assert wait_done(results, run, done + waiting) == done + waiting
+    assert_in_order(results, run, keys=5, per_key=40, redelivered=2)
