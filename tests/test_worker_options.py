@@ -57,6 +57,7 @@ def test_worker_argv_forces_one_task_at_a_time() -> None:
     assert argv[:9] == ["worker", "--queues", "o.1,o.3", "--concurrency", "1", "--prefetch-multiplier", "1",
                         "--pool", "prefork"]
     assert argv[-2:] == ["-l", "INFO"]
+    assert worker_argv(["o.1"], "solo", "x", ["-q", "-E"])[:2] == ["-q", "worker"]
 
 
 def test_plan_splits_partitions_over_processes(settings) -> None:

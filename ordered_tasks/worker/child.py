@@ -50,13 +50,21 @@ def check_tasks(app: Celery) -> None:
             )
 
 
+QUIET = ("-q", "--quiet")
+
+
 def worker_argv(queues: Sequence[str], pool: str, hostname: str,
                 celery_args: Sequence[str]) -> list[str]:
-    """The ``celery worker`` arguments of one ordered worker process."""
+    """The ``celery worker`` arguments of one ordered worker process.
+
+    ``-q``/``--quiet`` (no start-up banner) is an option of ``celery`` itself
+    and moves in front of ``worker``.
+    """
+    quiet = [a for a in celery_args if a in QUIET]
     return [
-        "worker", "--queues", ",".join(queues), "--concurrency", "1",
+        *quiet, "worker", "--queues", ",".join(queues), "--concurrency", "1",
         "--prefetch-multiplier", "1", "--pool", pool, "--hostname", hostname,
-        *celery_args,
+        *(a for a in celery_args if a not in QUIET),
     ]
 
 

@@ -116,12 +116,13 @@ class Command(BaseCommand):
     def start_workers(self, ordered: bool, count: int) -> tuple[subprocess.Popen[bytes], list[str]]:
         host = socket.gethostname()
         quiet = ["--loglevel", "WARNING", "--without-gossip", "--without-mingle"]
+        banner_off = ["-q"]
         if ordered:
             argv = [sys.executable, str(PROJECT_DIR / "manage.py"), "ordered_worker",
-                    "--processes", str(count), "--hostname", "demo-ordered@%h", "--", *quiet]
+                    "--processes", str(count), "--hostname", "demo-ordered@%h", "--", *banner_off, *quiet]
             nodes = [f"demo-ordered-{i}@{host}" for i in range(count)]
         else:
-            argv = [sys.executable, "-m", "celery", "-A", "example_project", "worker",
+            argv = [sys.executable, "-m", "celery", "-A", "example_project", *banner_off, "worker",
                     "--queues", PLAIN_QUEUE, "--concurrency", str(count),
                     "--hostname", "demo-plain@%h", *quiet]
             nodes = [f"demo-plain@{host}"]
