@@ -33,11 +33,11 @@ class PublishGuard:
         conf = get_settings()
         partition = conf.partition_of_queue(qname) if isinstance(qname, str) else None
         if partition is not None:
-            headers = self._checked_headers(name, message, qname, partition, headers)
+            headers = self._checked_headers(name, message, qname, partition, headers, conf.partitions)
         return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
 
     def _checked_headers(self, name: str, message: Any, qname: str, partition: int,
-                         headers: dict[str, Any] | None) -> dict[str, Any]:
+                         headers: dict[str, Any] | None, partitions: int) -> dict[str, Any]:
         message_headers = message.headers
         for option in ("eta", "expires"):
             if message_headers.get(option) is not None:
@@ -59,7 +59,7 @@ class PublishGuard:
             if not isinstance(body, tuple):
                 raise UnsafeOptionError("ordered_tasks needs Celery's task protocol 2 (the default).")
             key = spec.canonical(body[0], body[1])
-        expected = partition_of(key, get_settings().partitions)
+        expected = partition_of(key, partitions)
         if expected != partition:
             raise UnsafeOptionError(
                 f"{name} with key {key!r} belongs to partition {expected}, not to the "

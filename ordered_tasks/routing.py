@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from celery import Celery
+from kombu import Queue
 
 from .conf import get_settings
 from .keys import KeySpec
@@ -38,9 +39,11 @@ def route_task(name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] 
     spec = key_spec_for(None, name, task)
     if spec is None:
         return None
-    if KEY_HEADER in (options.get("headers") or {}):
-        return None  # OrderedTask.apply_async already chose and checked the queue.
-    check_publish_options(name, options)
     conf = get_settings()
+    queue = options.get("queue")
+    if (KEY_HEADER in (options.get("headers") or {}) and isinstance(queue, Queue)
+            and conf.partition_of_queue(queue.name) is not None):
+        return None  # OrderedTask.apply_async chose the queue; the publish guard checks it.
+    check_publish_options(name, options)
     partition = partition_of(spec.canonical(args, kwargs), conf.partitions)
     return {"queue": partition_queue(conf.queue_prefix, partition)}

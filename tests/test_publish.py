@@ -94,6 +94,11 @@ def test_send_task_by_name_from_a_producer_without_the_task(app: Celery) -> None
     assert_only_in_partition_of(app, "remote-1", count=2)
 
 
+def test_a_key_header_alone_does_not_skip_routing(app: Celery) -> None:
+    app.send_task(ORDERED, kwargs={"run": "r", "key": "hdr", "seq": 1}, headers={KEY_HEADER: "hdr"})
+    assert_only_in_partition_of(app, "hdr")
+
+
 def test_plain_tasks_keep_their_routing(app: Celery) -> None:
     from django.conf import settings
 
