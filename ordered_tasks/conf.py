@@ -52,10 +52,6 @@ class OrderedTasksSettings:
                 return key
         return None
 
-    def queue_names(self) -> list[str]:
-        """Names of every partition queue."""
-        return [f"{self.queue_prefix}.{p}" for p in range(self.partitions)]
-
     def partition_of_queue(self, name: str) -> int | None:
         """Partition number of an ordered queue name, or None for other queues."""
         head, sep, tail = name.rpartition(".")
