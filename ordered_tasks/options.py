@@ -11,19 +11,21 @@ KEY_HEADER = "ordered_key"
 #: Message header carrying the partition number.
 PARTITION_HEADER = "ordered_partition"
 
+_DELAYED = (
+    "a delayed message is held aside in worker memory while later messages of its key "
+    "overtake it. Publish the task when it is due instead, for example from a periodic "
+    "task, or use a plain Celery task"
+)
+_ROUTED = "ordered_tasks chooses the partition queue from the key. Remove the option"
 _WHY = {
-    "countdown": "a delayed message is held aside in worker memory while later messages "
-    "of its key overtake it. Publish the task when it is due instead, for example "
-    "from a periodic task, or use a plain Celery task",
-    "eta": "a delayed message is held aside in worker memory while later messages "
-    "of its key overtake it. Publish the task when it is due instead, for example "
-    "from a periodic task, or use a plain Celery task",
+    "countdown": _DELAYED,
+    "eta": _DELAYED,
     "expires": "an expired message would leave a silent hole in its key's sequence. "
     "Remove the option; make the task itself ignore stale events if it must",
     "priority": "priorities reorder messages inside a partition queue. Remove the option",
-    "queue": "ordered_tasks chooses the partition queue from the key. Remove the option",
-    "exchange": "ordered_tasks chooses the partition queue from the key. Remove the option",
-    "routing_key": "ordered_tasks chooses the partition queue from the key. Remove the option",
+    "queue": _ROUTED,
+    "exchange": _ROUTED,
+    "routing_key": _ROUTED,
 }
 PUBLISH_FORBIDDEN = tuple(_WHY)
 DECORATOR_FORBIDDEN = ("queue", "exchange", "routing_key", "priority", "expires", "rate_limit")

@@ -52,7 +52,6 @@ class OrderedTaskMixin:
         self.publish_options(args, kwargs, options)
         super().apply_async_on_commit(args, kwargs, **options)  # type: ignore[misc]
 
-
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Refuse: Celery's retry republishes the task behind later tasks of its key."""
         raise UnsafeOptionError(
