@@ -28,6 +28,9 @@ Key = Union[str, int, uuid.UUID]
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _JUMP_MULTIPLIER = 2862933555777941757
 
+#: The longest canonical key (keys of failed tasks are stored in an indexed column).
+MAX_KEY_LENGTH = 255
+
 
 def canonical_key(key: object) -> str:
     """Return the canonical string form of ``key`` or raise InvalidKeyError."""
@@ -36,6 +39,12 @@ def canonical_key(key: object) -> str:
             raise InvalidKeyError(
                 "The ordering key is an empty string. Pass a non-empty str, an "
                 "int or a UUID identifying the account."
+            )
+        if len(key) > MAX_KEY_LENGTH:
+            raise InvalidKeyError(
+                f"The ordering key {key[:40]!r}... has {len(key)} characters; at most "
+                f"{MAX_KEY_LENGTH} are allowed (the key is stored when it fails). Use a "
+                "shorter account identifier."
             )
         return key
     if isinstance(key, bool) or key is None:

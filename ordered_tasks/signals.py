@@ -1,0 +1,13 @@
+"""Django signals sent by the consumer when a key is blocked or resumes."""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+#: Sent when a key becomes blocked. Arguments: ``key``, ``partition``,
+#: ``task_name``, ``task_id``, ``exception`` (text) and ``reason``.
+key_blocked = Signal()
+
+#: Sent when a blocked or retrying key has run all its parked messages and is
+#: active again. Arguments: ``key``, ``partition``.
+key_resumed = Signal()
