@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from .control import replay, skip
 from .decorators import ordered_task
 from .exceptions import (
     ConfigurationError,
     InvalidKeyError,
+    KeyNotBlockedError,
     OrderedTaskError,
+    UnknownKeyError,
     UnsafeOptionError,
     UnsafeWorkerOptionError,
 )
@@ -19,8 +22,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "InvalidKeyError",
+    "KeyNotBlockedError",
     "OrderedTask",
     "OrderedTaskError",
+    "UnknownKeyError",
     "UnsafeOptionError",
     "UnsafeWorkerOptionError",
     "canonical_key",
@@ -28,4 +33,6 @@ __all__ = [
     "ordered_task",
     "partition_for",
     "queue_for",
+    "replay",
+    "skip",
 ]

@@ -23,3 +23,11 @@ class ConfigurationError(OrderedTaskError, ImproperlyConfigured):
 
 class UnsafeWorkerOptionError(OrderedTaskError):
     """A worker option would let two tasks of one partition overlap or reorder."""
+
+
+class UnknownKeyError(OrderedTaskError, LookupError):
+    """Replay or skip of a key that has no recorded state (it never failed)."""
+
+
+class KeyNotBlockedError(OrderedTaskError):
+    """Replay or skip of a key that is active: there is nothing to replay or skip."""

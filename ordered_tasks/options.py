@@ -10,6 +10,8 @@ from .exceptions import UnsafeOptionError
 KEY_HEADER = "ordered_key"
 #: Message header carrying the partition number.
 PARTITION_HEADER = "ordered_partition"
+#: Name of the task that carries replay, skip and retry wake-up messages.
+CONTROL_TASK = "ordered_tasks.control"
 
 _DELAYED = (
     "a delayed message is held aside in worker memory while later messages of its key "
@@ -28,6 +30,8 @@ _WHY = {
     "routing_key": _ROUTED,
 }
 PUBLISH_FORBIDDEN = tuple(_WHY)
+#: What a task failure does once retries are exhausted (``failure_policy``).
+FAILURE_POLICIES = ("block", "continue")
 DECORATOR_FORBIDDEN = ("queue", "exchange", "routing_key", "priority", "expires", "rate_limit")
 
 
@@ -56,10 +60,9 @@ def check_task_options(task_label: str, options: Mapping[str, Any]) -> None:
             f"@ordered_task on {task_label} cannot take acks_late=False: an early "
             "acknowledged message is lost if its worker dies. Remove the option."
         )
-    for name in ("autoretry_for", "retry_backoff"):
-        if options.get(name):
-            raise UnsafeOptionError(
-                f"@ordered_task on {task_label} cannot take {name} yet: Celery's retry "
-                "republishes the message behind later ones of its key. Let the task "
-                "fail, or handle the retry inside the task body."
-            )
+    policy = options.get("failure_policy", "block")
+    if policy not in FAILURE_POLICIES:
+        raise UnsafeOptionError(
+            f"@ordered_task on {task_label} got failure_policy={policy!r}. Use one of "
+            f"{', '.join(map(repr, FAILURE_POLICIES))}."
+        )

@@ -9,7 +9,7 @@ from kombu import Queue
 
 from .conf import get_settings
 from .exceptions import UnsafeOptionError
-from .options import KEY_HEADER, PARTITION_HEADER
+from .options import CONTROL_TASK, KEY_HEADER, PARTITION_HEADER
 from .partitioning import partition_of
 from .routing import key_spec_for
 
@@ -40,6 +40,8 @@ class PublishGuard:
                          headers: dict[str, Any] | None, partitions: int) -> dict[str, Any]:
         message_headers = message.headers
         for option in ("eta", "expires"):
+            if option == "eta" and name == CONTROL_TASK:
+                continue  # a retry wake-up: the control message itself is not ordered work
             if message_headers.get(option) is not None:
                 raise UnsafeOptionError(
                     f"{name} is bound for the ordered queue {qname} with {option} set. "

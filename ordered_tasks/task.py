@@ -7,14 +7,14 @@ from typing import Any
 from celery import Task
 
 from .conf import get_settings
-from .exceptions import UnsafeOptionError
 from .keys import KeySpec
 from .options import KEY_HEADER, PARTITION_HEADER, check_publish_options
 from .partitioning import partition_of
 from .queues import partition_queue
+from .worker.mixin import GuardedTaskMixin
 
 
-class OrderedTaskMixin:
+class OrderedTaskMixin(GuardedTaskMixin):
     """Mixed in front of the app's Task class by :func:`ordered_task`."""
 
     #: Where the ordering key lives in the task's arguments (set by the decorator).
@@ -51,13 +51,6 @@ class OrderedTaskMixin:
         """Like ``apply_async`` after the transaction commits; bad input raises now."""
         self.publish_options(args, kwargs, options)
         super().apply_async_on_commit(args, kwargs, **options)  # type: ignore[misc]
-
-    def retry(self, *args: Any, **kwargs: Any) -> Any:
-        """Refuse: Celery's retry republishes the task behind later tasks of its key."""
-        raise UnsafeOptionError(
-            f"{self.name} is an ordered task: Celery's retry() would republish it behind "
-            "later tasks of its key. Retry inside the task body instead."
-        )
 
 
 class OrderedTask(OrderedTaskMixin, Task):  # type: ignore[misc,type-arg]

@@ -113,8 +113,12 @@ class Workers:
         self.app = app
         self.name = f"t{uuid.uuid4().hex[:6]}"
         self.processes = processes
+        from django.db import connection
+
         env = {**os.environ, "TEST_BROKER_URL": broker_url, "PYTHONPATH": str(ROOT),
                "DJANGO_SETTINGS_MODULE": "tests.settings"}
+        if connection.vendor == "postgresql":  # the workers share the test database
+            env["TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes),
              "--hostname", f"{self.name}@%h", *extra, "--", "--loglevel", "WARNING",
@@ -149,6 +153,16 @@ class Workers:
             self.process.kill()
             self.process.wait()
             raise
+
+
+@pytest.fixture
+def shared_db(transactional_db: None) -> None:
+    """A database the worker subprocesses share with the test (PostgreSQL)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        require("postgresql://127.0.0.1:5432", 5432, "PostgreSQL (shared with the workers)")
+        pytest.skip("worker subprocesses cannot share an in-memory SQLite test database")
 
 
 @pytest.fixture

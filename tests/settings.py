@@ -29,7 +29,8 @@ if os.environ.get("TEST_DATABASE", _DEFAULT_DB) == "postgres":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",
-            "NAME": "ordered_tasks",
+            # Worker subprocesses of the integration tests get the test database's name.
+            "NAME": os.environ.get("TEST_DB_NAME", "ordered_tasks"),
             "USER": os.environ.get("PGUSER", "postgres"),
             "PASSWORD": os.environ.get("PGPASSWORD", ""),
             "HOST": os.environ.get("PGHOST", "127.0.0.1"),

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, chain
+from celery.exceptions import Retry
 from django.db import transaction
 from kombu import Queue
 
@@ -165,7 +166,7 @@ def test_decorator_rejects_unknown_parameter() -> None:
 
 @pytest.mark.parametrize("options", [
     {"queue": "q"}, {"priority": 1}, {"rate_limit": "1/s"}, {"acks_late": False}, {"expires": 10},
-    {"autoretry_for": (ValueError,)},
+    {"failure_policy": "ignore"},
 ])
 def test_decorator_rejects_unsafe_options(options: dict[str, Any]) -> None:
     with pytest.raises(UnsafeOptionError, match="@ordered_task on"):
@@ -187,6 +188,18 @@ def test_decorator_keeps_shared_task_options(app: Celery) -> None:
     assert_only_in_partition_of(app, 5)
 
 
-def test_retry_is_refused_with_advice(app: Celery) -> None:
-    with pytest.raises(UnsafeOptionError, match="Retry inside the task body"):
+def test_decorator_accepts_celery_retry_options(app: Celery) -> None:
+    name = f"tests.retrying.{app.main}"
+
+    @ordered_task(key="account_id", name=name, autoretry_for=(ValueError,), retry_backoff=True,
+                  retry_backoff_max=30, retry_jitter=False, max_retries=4)
+    def retrying(account_id: int) -> None: ...
+
+    task = app.tasks[name]
+    assert (task.retry_backoff, task.retry_backoff_max, task.max_retries) == (True, 30, 4)
+    assert task.default_retry_delay == 2 and task.failure_policy == "block"
+
+
+def test_retry_outside_a_worker_behaves_as_in_celery(app: Celery) -> None:
+    with pytest.raises(Retry):
         app.tasks[ORDERED].retry(countdown=1)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from celery import Celery
+from celery import Celery, signals
 
 from ..exceptions import UnsafeWorkerOptionError
 from .options import POOLS, check_celery_args
@@ -24,6 +24,7 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
     from .hub import ReadyAwareHubStep
 
     install(app)
+    app.conf.worker_consumer = "ordered_tasks.worker.consumer:OrderedConsumer"
     conf = get_settings()
     app.conf.worker_prefetch_multiplier = 1
     app.conf.worker_concurrency = 1
@@ -35,19 +36,30 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
         app.steps["worker"].add(ReadyAwareHubStep)
     app.finalize(auto=True)
     check_tasks(app)
+
+    def recover(**_: object) -> None:
+        from .actions import recover_retries
+
+        recover_retries(app, partitions)
+
+    signals.worker_ready.connect(recover, weak=False)
     return [q.name for q in queues]
 
 
 def check_tasks(app: Celery) -> None:
-    """Refuse to start if an ordered task would be acknowledged before it runs."""
+    """Refuse to start if an ordered task would be acknowledged before it runs; guard routed tasks."""
     from ..routing import key_spec_for
+    from .mixin import guard_task
 
     for name, task in app.tasks.items():
-        if key_spec_for(app, name, task) is not None and not task.acks_late:
+        if key_spec_for(app, name, task) is None:
+            continue
+        if not task.acks_late:
             raise UnsafeWorkerOptionError(
                 f"Task {name} is ordered but has acks_late=False: its message would "
                 "be lost if the worker died while running it. Remove acks_late=False."
             )
+        guard_task(task)
 
 
 QUIET = ("-q", "--quiet")

@@ -56,3 +56,53 @@ def plain_record(run: str, key: Any, seq: int) -> None:
 def external_record(run: str, key: Any, seq: int, sleep: float = 0.0) -> None:
     """Published by name from another service; ``ORDERED_TASKS['ROUTES']`` orders it."""
     record(run, key, seq, sleep)
+
+
+class Boom(Exception):
+    """The failure the tests switch on and off."""
+
+
+def attempt(run: str, key: Any, seq: int) -> None:
+    """Count the attempt; raise Boom while the test's failure counter for it is positive.
+
+    ``{run}:fail:{key}:{seq}`` holds how many more attempts fail (-1: all of them).
+    """
+    client = recorder()
+    client.incr(f"{run}:attempts:{key}:{seq}")
+    left = int(client.get(f"{run}:fail:{key}:{seq}") or 0)
+    if left:
+        if left > 0:
+            client.decr(f"{run}:fail:{key}:{seq}")
+        raise Boom(f"{key}#{seq} failed on purpose")
+
+
+@ordered_task(key="key", ignore_result=True)
+def strict_step(run: str, key: Any, seq: int) -> None:
+    """Blocks its key when it fails (the default policy)."""
+    attempt(run, key, seq)
+    record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", ignore_result=True, autoretry_for=(Boom,), max_retries=3, default_retry_delay=1)
+def autoretry_step(run: str, key: Any, seq: int, sleep: float = 0.0) -> None:
+    """Retried in place up to three times, one second apart."""
+    attempt(run, key, seq)
+    record(run, key, seq, sleep)
+
+
+@ordered_task(key="key", bind=True, ignore_result=True, max_retries=5)
+def self_retry_step(self: Any, run: str, key: Any, seq: int) -> None:
+    """Retries itself with ``self.retry``, like a Celery user would."""
+    try:
+        attempt(run, key, seq)
+    except Boom as exc:
+        raise self.retry(exc=exc, countdown=0.5) from exc
+    recorder().rpush(f"{run}:retries:{key}", self.request.retries)
+    record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", ignore_result=True, failure_policy="continue")
+def lenient_step(run: str, key: Any, seq: int) -> None:
+    """Records its failure and lets the key go on."""
+    attempt(run, key, seq)
+    record(run, key, seq, 0.0)

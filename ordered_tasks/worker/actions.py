@@ -1,0 +1,170 @@
+"""What the consumer does with a control message: wake-ups, replays and skips."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.app.trace import trace_task
+from celery.utils.nodenames import gethostname
+from django.db import transaction
+from django.utils import timezone
+from kombu.serialization import loads, prepare_accept_content
+
+from ..conf import get_settings
+from ..control import REPLAY, SKIP, WAKE, publish_control, publish_wake
+from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ControlRequest, ParkedMessage
+from ..partitioning import partition_of
+from ..queues import partition_queue
+from ..signals import key_blocked, key_resumed
+from . import store
+from .book import BOOK
+from .delivery import CONTENT_ENTRY
+from .guard import REPLAYING, Replaying
+
+logger = logging.getLogger(__name__)
+
+#: Parked messages run per control message; a longer backlog continues
+#: behind the messages waiting in the partition queue.
+DRAIN_BATCH = 100
+
+
+def apply_control(app: Celery, key: str, action: str, request_id: int | None) -> str:
+    """Apply one control message; return what happened (for the worker log)."""
+    partition = partition_of(key, get_settings().partitions)
+    if action == WAKE:
+        return wake(app, key, partition)
+    if action not in (REPLAY, SKIP):
+        logger.error("Unknown control action %r for key %r: ignored.", action, key)
+        return "unknown action"
+    request = ControlRequest.objects.filter(pk=request_id or 0).first()
+    if request is None:
+        logger.error("Control request %s for key %r does not exist: ignored.", request_id, key)
+        return "unknown request"
+    with transaction.atomic():
+        state = AccountState.objects.select_for_update().filter(key=key).first()
+        refusal = _refusal(state, request)
+        outcome = refusal or "applied"
+        if refusal is None and state is not None:
+            head = ParkedMessage.objects.filter(key=key, state=store.PARKED).order_by("position").first()
+            if action == SKIP and head is not None:
+                head.state = ParkedMessage.State.SKIPPED
+                head.save(update_fields=["state", "updated_at"])
+                state.skips += 1
+            elif head is not None:
+                head.headers = {**head.headers, "retries": 0}
+                head.save(update_fields=["headers", "updated_at"])
+            if action == REPLAY:
+                state.replays += 1
+            state.epoch += 1
+            state.status = RETRYING
+            state.retry_at = timezone.now()
+            state.save()
+        request.applied_at = timezone.now()
+        request.outcome = outcome
+        request.save(update_fields=["applied_at", "outcome"])
+    if outcome != "applied":
+        logger.info("%s of key %r: %s", action, key, outcome)
+        return outcome
+    BOOK.set(key, RETRYING)
+    status = drain(app, key, partition)
+    ControlRequest.objects.filter(pk=request.pk).update(outcome=f"applied; key is {status}")
+    return status
+
+
+def _refusal(state: AccountState | None, request: ControlRequest) -> str | None:
+    if state is None:
+        return "nothing to do: the key has no state"
+    if state.status == ACTIVE:
+        return "nothing to do: the key is active"
+    if state.epoch != request.epoch:
+        return "nothing to do: the key changed since the request (already applied)"
+    return None
+
+
+def wake(app: Celery, key: str, partition: int) -> str:
+    """An in-place retry may be due: run the key's parked messages if it is."""
+    state = AccountState.objects.filter(key=key).first()
+    if state is None or state.status != RETRYING:
+        return "nothing to do: the key is not retrying"
+    now = timezone.now()
+    if state.retry_at is not None and state.retry_at > now:
+        publish_wake(app, key, state.retry_at)
+        return "not due yet"
+    return drain(app, key, partition)
+
+
+def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> str:
+    """Run the key's parked messages in order; return the key's status afterwards."""
+    rows = list(ParkedMessage.objects.filter(key=key, state=store.PARKED).order_by("position")[:batch + 1])
+    for row in rows[:batch]:
+        outcome = run_parked(app, row)
+        if outcome == "ok":
+            row.delete()
+        elif outcome != "continued":
+            return outcome
+    if len(rows) > batch:
+        with transaction.atomic():
+            state = store.locked_state(key, partition)
+            state.status = RETRYING
+            state.retry_at = timezone.now()
+            state.save(update_fields=["status", "retry_at", "updated_at"])
+        publish_control(app, key, WAKE)
+        return RETRYING
+    store.activate(key, partition)
+    BOOK.set(key, ACTIVE)
+    key_resumed.send(sender=AccountState, key=key, partition=partition)
+    return ACTIVE
+
+
+def run_parked(app: Celery, row: ParkedMessage) -> str:
+    """Run one parked message through Celery's tracer; ``ok``, ``continued``, ``retrying`` or ``blocked``."""
+    task = app.tasks.get(row.task_name)
+    if task is None:
+        return _block(row, store.Reason.UNKNOWN_TASK,
+                      f"No task named {row.task_name!r} is registered in this worker.")
+    try:
+        args, kwargs, embed = loads(bytes(row.body), row.content_type, row.content_encoding,
+                                    accept=prepare_accept_content(app.conf.accept_content))
+    except Exception as exc:
+        return _block(row, store.Reason.UNDECODABLE, store.describe(exc)[0])
+    request: dict[str, Any] = {
+        **row.headers, **(embed or {}), "args": args, "kwargs": kwargs, "is_eager": False,
+        "hostname": gethostname(),
+        "delivery_info": {"exchange": "", "routing_key": partition_queue(
+            get_settings().queue_prefix, row.partition).name, "priority": None, "redelivered": False},
+        CONTENT_ENTRY: [row.content_type, row.content_encoding],
+    }
+    replaying = Replaying(row=row)
+    token = REPLAYING.set(replaying)
+    try:
+        _, info, _, _ = trace_task(task, row.task_id, args, kwargs, request, app=app)
+    finally:
+        REPLAYING.reset(token)
+    if replaying.outcome != "not run":
+        return replaying.outcome
+    if info is None:  # a task without the ordered guard that succeeded
+        return "ok"
+    return _block(row, store.Reason.INVALID, f"Celery did not run the task: {info.state} {info.retval!r}")
+
+
+def _block(row: ParkedMessage, reason: str, error: str) -> str:
+    store.block(row.key, row.partition, row=row, reason=reason, error=error, attempts=row.attempts)
+    BOOK.set(row.key, BLOCKED)
+    key_blocked.send(sender=AccountState, key=row.key, partition=row.partition, task_name=row.task_name,
+                     task_id=row.task_id, exception=error, reason=reason)
+    return BLOCKED
+
+
+def recover_retries(app: Celery, partitions: list[int] | tuple[int, ...] | Any) -> int:
+    """Publish a wake-up for every retrying key of ``partitions`` (after a restart)."""
+    now = timezone.now()
+    held = AccountState.objects.filter(partition__in=list(partitions), status=RETRYING)
+    count = 0
+    for key, retry_at in held.values_list("key", "retry_at"):
+        publish_control(app, key, WAKE, eta=retry_at if retry_at and retry_at > now else None)
+        count += 1
+    if count:
+        logger.info("Scheduled %d retrying keys again.", count)
+    return count

@@ -1,0 +1,76 @@
+"""One message as the worker received it, in the form kept for parking."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kombu.serialization import dumps, registry  # type: ignore[attr-defined]
+
+from ..options import KEY_HEADER, PARTITION_HEADER
+
+#: Request entries that are not message headers (Celery adds them in the worker).
+_NOT_HEADERS = frozenset({
+    "args", "kwargs", "callbacks", "errbacks", "chain", "chord", "delivery_info", "hostname",
+    "is_eager", "properties", "reply_to", "correlation_id", "called_directly", "_protected",
+    "loglevel", "logfile", "utc", "ordered_content", "_children", "task_name",
+})
+#: Request entry (set by :class:`~ordered_tasks.worker.request.OrderedRequest`)
+#: carrying the content type and encoding of the received body.
+CONTENT_ENTRY = "ordered_content"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data (anything else becomes its repr)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+@dataclass
+class Delivery:
+    """A received message: what the consumer needs to park it and run it later."""
+
+    key: str
+    partition: int
+    task_name: str
+    task_id: str
+    body: bytes
+    content_type: str = ""
+    content_encoding: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_request(cls, task: Any, request: Any, args: Any, kwargs: Any) -> Delivery:
+        """Rebuild the message of the running task (the body re-encoded with its serializer)."""
+        entries = dict(vars(request))
+        content_type, _ = entries.get(CONTENT_ENTRY) or (None, None)
+        serializer = registry.type_to_name.get(content_type) if content_type else None
+        embed = {name: entries.get(name) for name in ("callbacks", "errbacks", "chain", "chord")}
+        content_type, content_encoding, data = dumps(
+            (list(args), dict(kwargs), embed), serializer=serializer or task.serializer)
+        body = data.encode(content_encoding) if isinstance(data, str) else bytes(data)
+        headers = {name: value for name, value in entries.items()
+                   if name not in _NOT_HEADERS and not name.startswith("_")}
+        headers["task"] = task.name
+        headers["id"] = request.id
+        return cls(
+            key=str(entries[KEY_HEADER]), partition=int(entries[PARTITION_HEADER]),
+            task_name=task.name, task_id=request.id or "", body=body, content_type=content_type,
+            content_encoding=content_encoding, headers=json_safe(headers),
+        )
+
+    @classmethod
+    def from_message(cls, message: Any, partition: int) -> Delivery:
+        """The raw message as the broker delivered it (nothing decoded)."""
+        headers = message.headers if isinstance(message.headers, Mapping) else {}
+        body = message.body
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        key = headers.get(KEY_HEADER)
+        return cls(
+            key="" if key is None else str(key),
+            partition=int(headers.get(PARTITION_HEADER, partition)),
+            task_name=str(headers.get("task") or ""), task_id=str(headers.get("id") or ""),
+            body=bytes(body or b""), content_type=message.content_type or "",
+            content_encoding=message.content_encoding or "", headers=json_safe(dict(headers)),
+        )

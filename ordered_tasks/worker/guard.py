@@ -1,0 +1,119 @@
+"""The worker side of an ordered task: held keys, in-place retries and failure policies."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore, Reject, Retry
+from django.utils import timezone
+
+from ..models import ACTIVE, BLOCKED, RETRYING
+from ..options import KEY_HEADER, PARTITION_HEADER
+from . import store
+from .book import BOOK
+from .delivery import Delivery
+from .mixin import InPlaceRetry, Parked, seconds_until
+
+if TYPE_CHECKING:
+    from ..models import ParkedMessage
+
+@dataclass
+class Replaying:
+    """A parked message being run again by the consumer, and how that went."""
+
+    row: ParkedMessage
+    outcome: str = "not run"
+
+
+#: Set while the consumer runs a parked message (the key is held, yet it must run).
+REPLAYING: ContextVar[Replaying | None] = ContextVar("ordered_tasks_replaying", default=None)
+
+
+def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
+    """Run one message of an ordered task on its partition's consumer."""
+    key = str(getattr(request, KEY_HEADER))
+    partition = int(getattr(request, PARTITION_HEADER))
+    replaying = REPLAYING.get()
+    if replaying is not None and replaying.row.task_id != request.id:
+        replaying = None
+    if replaying is None and BOOK.status(key, partition) != ACTIVE:
+        store.park_held(Delivery.from_request(task, request, args, kwargs))
+        raise Parked(f"parked: key {key!r} is held by an earlier message")
+    try:
+        try:
+            result = task.run(*args, **kwargs)
+        except Retry as plain:
+            if isinstance(plain, InPlaceRetry):
+                raise
+            task.retry(exc=plain.exc, countdown=seconds_until(plain.when))
+    except Ignore:
+        if replaying is not None:
+            replaying.outcome = "ok"
+        raise
+    except InPlaceRetry as retry:
+        _retry(task, request, args, kwargs, key, partition, retry, replaying)
+        raise
+    except Exception as exc:
+        _fail(task, request, args, kwargs, key, partition, exc, replaying)
+        if isinstance(exc, Reject):
+            raise Ignore(f"rejected, and parked: {exc}") from exc
+        raise
+    if replaying is not None:
+        replaying.outcome = "ok"
+    return result
+
+
+def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: int,
+           retry: InPlaceRetry, replaying: Replaying | None) -> None:
+    from ..control import publish_wake
+
+    retries = int(request.retries or 0) + 1
+    due_at = timezone.now() + timedelta(seconds=retry.countdown)
+    if retry.exc is not None:
+        error, trace = store.describe(retry.exc)
+    else:
+        error, trace = "retry requested", ""
+    body = None
+    if retry.new_args is not None or retry.new_kwargs is not None:
+        new_args = args if retry.new_args is None else retry.new_args
+        new_kwargs = kwargs if retry.new_kwargs is None else retry.new_kwargs
+        body = Delivery.from_request(task, request, new_args, new_kwargs).body
+    if replaying is not None:
+        store.schedule_retry(key, partition, due_at=due_at, row=replaying.row, error=error, trace=trace,
+                             attempts=replaying.row.attempts + 1, retries=retries, body=body)
+        replaying.outcome = RETRYING
+    else:
+        delivery = Delivery.from_request(task, request, args, kwargs)
+        if body is not None:
+            delivery.body = body
+        store.schedule_retry(key, partition, due_at=due_at, delivery=delivery, error=error,
+                             trace=trace, attempts=retries, retries=retries)
+    BOOK.set(key, RETRYING)
+    publish_wake(task.app, key, due_at)
+
+
+def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: int,
+          exc: BaseException, replaying: Replaying | None) -> None:
+    from ..signals import key_blocked
+
+    error, trace = store.describe(exc)
+    if replaying is not None:
+        where: dict[str, Any] = {"row": replaying.row}
+        attempts = replaying.row.attempts + 1
+    else:
+        where = {"delivery": Delivery.from_request(task, request, args, kwargs)}
+        attempts = int(request.retries or 0) + 1
+    if task.failure_policy == "continue":
+        store.record_failure(key, partition, error=error, trace=trace, attempts=attempts, **where)
+        if replaying is not None:
+            replaying.outcome = "continued"
+        return
+    store.block(key, partition, error=error, trace=trace, attempts=attempts, **where)
+    BOOK.set(key, BLOCKED)
+    if replaying is not None:
+        replaying.outcome = BLOCKED
+    key_blocked.send(sender=task.__class__, key=key, partition=partition, task_name=task.name,
+                     task_id=request.id, exception=error, reason=store.Reason.FAILED)

@@ -1,0 +1,145 @@
+"""Database writes of the consumer: parking messages and changing key states."""
+
+from __future__ import annotations
+
+import traceback
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ParkedMessage
+from .delivery import Delivery
+
+PARKED = ParkedMessage.State.PARKED
+Reason = ParkedMessage.Reason
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """A one-line description of ``exc`` and its formatted traceback."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def locked_state(key: str, partition: int) -> AccountState:
+    """The key's state row, created if needed and locked until the transaction ends."""
+    AccountState.objects.get_or_create(key=key, defaults={"partition": partition})
+    return AccountState.objects.select_for_update().get(key=key)
+
+
+def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
+    account.sequence += 1
+    return ParkedMessage.objects.create(
+        key=delivery.key, partition=delivery.partition, position=account.sequence,
+        task_name=delivery.task_name[:255], task_id=delivery.task_id[:255], body=delivery.body,
+        content_type=delivery.content_type, content_encoding=delivery.content_encoding,
+        headers=delivery.headers, **fields,
+    )
+
+
+def _save_row(row: ParkedMessage, **fields: Any) -> None:
+    for name, value in fields.items():
+        setattr(row, name, value)
+    row.save()
+
+
+def park_held(delivery: Delivery) -> None:
+    """Park a message because an earlier message of its key is blocked or retrying."""
+    with transaction.atomic():
+        state = locked_state(delivery.key, delivery.partition)
+        _add_row(state, delivery, reason=Reason.KEY_HELD)
+        state.save(update_fields=["sequence", "updated_at"])
+
+
+def _note_failure(state: AccountState, error: str, now: datetime) -> None:
+    state.failures += 1
+    state.last_error = error
+    state.last_error_at = now
+
+
+def block(key: str, partition: int, *, delivery: Delivery | None = None, row: ParkedMessage | None = None,
+          reason: str = Reason.FAILED, error: str = "", trace: str = "", attempts: int = 1) -> AccountState:
+    """Block the key with this message (new or already parked) at the head of its queue."""
+    now = timezone.now()
+    with transaction.atomic():
+        state = locked_state(key, partition)
+        fields = {"reason": reason, "state": PARKED, "exception": error, "traceback": trace,
+                  "attempts": attempts, "due_at": None}
+        if row is not None:
+            _save_row(row, **fields)
+        elif delivery is not None:
+            _add_row(state, delivery, **fields)
+        _note_failure(state, error, now)
+        if state.status != BLOCKED:
+            state.epoch += 1
+            state.blocks += 1
+            state.blocked_at = now
+        state.status = BLOCKED
+        state.retry_at = None
+        state.save()
+    return state
+
+
+def schedule_retry(key: str, partition: int, *, due_at: datetime, delivery: Delivery | None = None,
+                   row: ParkedMessage | None = None, error: str, trace: str, attempts: int,
+                   retries: int, body: bytes | None = None) -> AccountState:
+    """Hold the key until ``due_at``, when this message (the head) runs again."""
+    with transaction.atomic():
+        state = locked_state(key, partition)
+        fields: dict[str, Any] = {"reason": Reason.RETRYING, "state": PARKED, "exception": error,
+                                  "traceback": trace, "attempts": attempts, "due_at": due_at}
+        if row is None and delivery is not None:
+            row = _add_row(state, delivery, **fields)
+        elif row is not None:
+            _save_row(row, **fields)
+        if row is not None:
+            row.headers = {**row.headers, "retries": retries}
+            if body is not None:
+                row.body = body
+            row.save(update_fields=["headers", "body", "updated_at"])
+        _note_failure(state, error, timezone.now())
+        if state.status == ACTIVE:
+            state.epoch += 1
+        state.status = RETRYING
+        state.retries += 1
+        state.retry_at = due_at
+        state.save()
+    return state
+
+
+def record_failure(key: str, partition: int, *, delivery: Delivery | None = None,
+                   row: ParkedMessage | None = None, error: str, trace: str, attempts: int) -> None:
+    """Keep a failed message as a record and let its key go on (policy ``continue``)."""
+    with transaction.atomic():
+        state = locked_state(key, partition)
+        fields = {"reason": Reason.FAILED, "state": ParkedMessage.State.FAILED, "exception": error,
+                  "traceback": trace, "attempts": attempts, "due_at": None}
+        if row is not None:
+            _save_row(row, **fields)
+        elif delivery is not None:
+            _add_row(state, delivery, **fields)
+        _note_failure(state, error, timezone.now())
+        state.save()
+
+
+def activate(key: str, partition: int) -> AccountState:
+    """The key has no parked messages left: it runs its messages directly again."""
+    with transaction.atomic():
+        state = locked_state(key, partition)
+        state.status = ACTIVE
+        state.retry_at = None
+        state.save()
+    return state
+
+
+def park_unrunnable(delivery: Delivery, reason: str, error: str) -> AccountState:
+    """Park a message that cannot be run as it is: it blocks its key (or waits behind it)."""
+    with transaction.atomic():
+        state = locked_state(delivery.key, delivery.partition)
+        if state.status != ACTIVE:
+            _add_row(state, delivery, reason=reason, exception=error)
+            state.save(update_fields=["sequence", "updated_at"])
+            return state
+    return block(delivery.key, delivery.partition, delivery=delivery, reason=reason, error=error,
+                 attempts=0)

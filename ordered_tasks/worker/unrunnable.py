@@ -1,0 +1,63 @@
+"""Messages a worker cannot run (unknown task, undecodable body): parked, never dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from ..conf import get_settings
+from ..models import ACTIVE, BLOCKED
+from ..signals import key_blocked
+from . import store
+from .book import BOOK
+from .delivery import Delivery
+
+logger = logging.getLogger(__name__)
+
+
+def partition_of_message(message: Any) -> int | None:
+    """The partition whose queue delivered ``message``, or None for any other queue."""
+    info = getattr(message, "delivery_info", None) or {}
+    queue = info.get("routing_key")
+    return get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+
+
+def hand_over(pool: Any, message: Any, reason: str, error: str) -> bool:
+    """Have the pool process park ``message``; acknowledge it once parked.
+
+    Returns False (the caller carries on as Celery would) when the message did
+    not come from a partition queue. Parking happens in the process that runs
+    the partition's tasks, so that its memory of held keys stays right.
+    """
+    partition = partition_of_message(message)
+    if partition is None:
+        return False
+    delivery = Delivery.from_message(message, partition)
+    logger.error("Parking message %s of key %r (%s): %s", delivery.task_id or "?", delivery.key,
+                 reason, error)
+
+    def parked(_result: Any) -> None:
+        message.ack()
+
+    def failed(*exc_info: Any) -> None:
+        logger.critical("Could not park message %s; returning it to its queue: %r",
+                        delivery.task_id or "?", exc_info)
+        message.reject(requeue=True)
+
+    pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error),
+                     callback=parked, error_callback=failed)
+    return True
+
+
+def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
+    """Pool side of :func:`hand_over`: store the message and hold its key."""
+    delivery = Delivery(**fields)
+    was = BOOK.status(delivery.key, delivery.partition)
+    state = store.park_unrunnable(delivery, reason, error)
+    BOOK.set(delivery.key, state.status)
+    if was == ACTIVE and state.status == BLOCKED:
+        key_blocked.send(sender=Delivery, key=delivery.key, partition=delivery.partition,
+                         task_name=delivery.task_name, task_id=delivery.task_id, exception=error,
+                         reason=reason)
+    return state.status

@@ -1,0 +1,160 @@
+"""Failures against real brokers and workers: in-place retries, blocking, parking, replay, skip."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Callable
+
+import pytest
+import redis
+from celery import Celery
+from django.core.management import call_command
+from kombu import Producer
+
+from ordered_tasks import partition_for, replay
+from ordered_tasks.conf import get_settings
+from ordered_tasks.models import AccountState, ParkedMessage
+from ordered_tasks.queues import partition_queue
+from tests.conftest import wait_done
+from tests.test_guard import fail, ran, same_partition_keys
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_db")]
+T = "tests.testapp.tasks."
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
+        time.sleep(0.1)
+
+
+def publish(app: Celery, name: str, run: str, *pairs: tuple[str, int]) -> None:
+    task = app.tasks[T + name]
+    with app.producer_or_acquire() as producer:
+        for key, seq in pairs:
+            task.apply_async(kwargs={"run": run, "key": key, "seq": seq}, producer=producer)
+
+
+def status(key: str) -> str | None:
+    return AccountState.objects.filter(key=key).values_list("status", flat=True).first()
+
+
+def parked(key: str) -> list[tuple[str, str]]:
+    rows = ParkedMessage.objects.filter(key=key).order_by("position")
+    return [(r.reason, r.state) for r in rows]
+
+
+@pytest.fixture
+def run() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.fixture(autouse=True)
+def control_through(app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """replay() and the commands publish with the project's Celery app: here, the test's broker."""
+    monkeypatch.setattr("ordered_tasks.celery_app.find_celery_app", lambda _path=None: app)
+
+
+def test_failure_blocks_its_key_parks_later_messages_and_replay_runs_them_in_order(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    bad, good = same_partition_keys(2)
+    fail(results, run, bad, 2)
+    start_workers(1)
+    publish(app, "strict_step", run, (bad, 1), (good, 1), (bad, 2), (good, 2), (bad, 3), (good, 3), (bad, 4))
+    eventually(lambda: len(parked(bad)) == 3, what="three parked messages")
+    assert wait_done(results, run, 4) == 4
+    assert ran(results, run, good) == [1, 2, 3]
+    assert ran(results, run, bad) == [1]
+    assert status(bad) == "blocked" and status(good) is None
+    publish(app, "strict_step", run, (bad, 5), (good, 4))
+    eventually(lambda: len(parked(bad)) == 4, what="a message published while blocked to park")
+    assert parked(bad) == [("failed", "parked")] + [("key_held", "parked")] * 3
+    results.delete(f"{run}:fail:{bad}:2")
+    replay(bad, requested_by="test")
+    publish(app, "strict_step", run, (bad, 6))
+    eventually(lambda: ran(results, run, bad) == [1, 2, 3, 4, 5, 6], what="the replayed key to catch up")
+    assert eventually(lambda: status(bad) == "active")
+    assert parked(bad) == [] and ran(results, run, good) == [1, 2, 3, 4]
+
+
+def test_failing_again_during_replay_blocks_again_and_skip_moves_on(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 2)
+    start_workers(1)
+    publish(app, "strict_step", run, (key, 1), (key, 2), (key, 3), (key, 4))
+    eventually(lambda: len(parked(key)) == 3, what="parking")
+    call_command("ordered_replay", key, by="operator")
+    eventually(lambda: AccountState.objects.get(key=key).blocks == 2, what="the replay to fail again")
+    assert ran(results, run, key) == [1] and status(key) == "blocked"
+    assert int(results.get(f"{run}:attempts:{key}:2") or 0) == 2
+    assert ParkedMessage.objects.filter(key=key).order_by("position").first().attempts == 2  # type: ignore[union-attr]
+    call_command("ordered_skip", key, by="operator")
+    eventually(lambda: ran(results, run, key) == [1, 3, 4], what="the rest to run after skip")
+    assert eventually(lambda: status(key) == "active")
+    assert parked(key) == [("failed", "skipped")]
+
+
+def test_transient_failure_retries_in_place_while_other_keys_of_its_partition_run(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    slow, *others = same_partition_keys(4)
+    fail(results, run, slow, 1, times=2)
+    start_workers(1)
+    publish(app, "autoretry_step", run, (slow, 1), (slow, 2), *[(k, s) for s in (1, 2, 3) for k in others])
+    assert wait_done(results, run, 11, timeout=60) == 11
+    assert ran(results, run, slow) == [1, 2]
+    spans = [entry.split("|") for entry in results.lrange(f"{run}:spans", 0, -1)]
+    slow_start = min(float(s[2]) for s in spans if s[0] == slow)
+    others_end = max(float(s[3]) for s in spans if s[0] != slow)
+    assert others_end < slow_start, "other keys waited for the retrying key"
+    assert slow_start - min(float(s[2]) for s in spans) >= 1.5  # two in-place retries, one second apart
+    state = AccountState.objects.get(key=slow)
+    assert (state.status, state.retries, state.failures) == ("active", 2, 2)
+    assert int(results.get(f"{run}:attempts:{slow}:1") or 0) == 3
+
+
+def test_self_retry_and_continue_policy(app: Celery, start_workers: Any, results: redis.Redis,
+                                        run: str) -> None:
+    retrying, lenient = same_partition_keys(2)
+    fail(results, run, retrying, 1, times=2)
+    fail(results, run, lenient, 1)
+    start_workers(1)
+    publish(app, "self_retry_step", run, (retrying, 1), (retrying, 2))
+    publish(app, "lenient_step", run, (lenient, 1), (lenient, 2))
+    assert wait_done(results, run, 3) == 3
+    assert ran(results, run, retrying) == [1, 2]
+    assert results.lrange(f"{run}:retries:{retrying}", 0, -1) == ["2", "0"]
+    assert ran(results, run, lenient) == [2]
+    assert parked(lenient) == [("failed", "failed")] and status(lenient) == "active"
+
+
+def test_unknown_task_and_undecodable_messages_are_parked_not_lost(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = same_partition_keys(1)[0]
+    queue = partition_queue(get_settings().queue_prefix, partition_for(key))
+    start_workers(1)
+
+    def raw(task: str, body: bytes) -> None:
+        headers = {"lang": "py", "task": task, "id": str(uuid.uuid4()), "retries": 0,
+                   "ordered_key": key, "ordered_partition": partition_for(key)}
+        with app.connection_for_write() as conn:
+            Producer(conn).publish(body, exchange=queue.exchange, routing_key=queue.routing_key,
+                                   headers=headers, content_type="application/json",
+                                   content_encoding="utf-8", declare=[queue])
+
+    good = json.dumps([[], {"run": run, "key": key, "seq": 1}, {}]).encode()
+    raw("tests.no_such_task", good)
+    raw(T + "strict_step", b"[[], {not json")
+    publish(app, "strict_step", run, (key, 2))
+    eventually(lambda: len(parked(key)) == 3, what="three parked messages")
+    rows = list(ParkedMessage.objects.filter(key=key).order_by("position"))
+    assert [r.reason for r in rows] == ["unknown_task", "undecodable", "key_held"]
+    assert bytes(rows[0].body) == good and bytes(rows[1].body) == b"[[], {not json"
+    assert "tests.no_such_task" in rows[0].exception
+    assert status(key) == "blocked" and ran(results, run, key) == []

@@ -1,0 +1,274 @@
+"""The consumer's guard, run in-process through Celery's tracer as a worker runs it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.app.trace import trace_task
+from django.core.management import call_command
+from django.utils import timezone
+
+from ordered_tasks import KeyNotBlockedError, UnknownKeyError, partition_for, replay, skip
+from ordered_tasks.conf import get_settings
+from ordered_tasks.control import REPLAY, SKIP
+from ordered_tasks.exceptions import UnsafeOptionError
+from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage
+from ordered_tasks.queues import partition_queue
+from ordered_tasks.signals import key_blocked, key_resumed
+from ordered_tasks.worker.actions import apply_control, wake
+from ordered_tasks.worker.book import BOOK
+from ordered_tasks.worker.delivery import Delivery
+from tests.testapp.celery import app as celery_app
+
+pytestmark = pytest.mark.django_db
+T = "tests.testapp.tasks."
+
+
+@pytest.fixture(autouse=True)
+def fresh_book() -> Iterator[None]:
+    BOOK.forget()
+    yield
+    BOOK.forget()
+
+
+@pytest.fixture
+def app(results: redis.Redis) -> Celery:
+    celery_app.finalize(auto=True)
+    return celery_app
+
+
+@pytest.fixture
+def run() -> str:
+    return uuid.uuid4().hex
+
+
+def deliver(app: Celery, name: str, key: str, seq: int, run: str, retries: int = 0) -> Any:
+    """Run one message the way the worker's pool process does; return Celery's trace info."""
+    task = app.tasks[T + name]
+    task_id = str(uuid.uuid4())
+    kwargs = {"run": run, "key": key, "seq": seq}
+    queue = partition_queue(get_settings().queue_prefix, partition_for(key)).name
+    request = {
+        "id": task_id, "task": task.name, "retries": retries, "ordered_key": key,
+        "ordered_partition": partition_for(key), "is_eager": False, "hostname": "test@host",
+        "delivery_info": {"exchange": "", "routing_key": queue, "priority": None, "redelivered": False},
+        "ordered_content": ["application/json", "utf-8"], "args": [], "kwargs": kwargs,
+    }
+    _, info, _, _ = trace_task(task, task_id, [], kwargs, request, app=app)
+    return info
+
+
+def fail(results: redis.Redis, run: str, key: str, seq: int, times: int = -1) -> None:
+    results.set(f"{run}:fail:{key}:{seq}", times)
+
+
+def ran(results: redis.Redis, run: str, key: str) -> list[int]:
+    return [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)]
+
+
+def same_partition_keys(count: int) -> list[str]:
+    """``count`` keys that hash to the same partition."""
+    first = f"acct-{uuid.uuid4().hex[:8]}"
+    keys = [first]
+    n = 0
+    while len(keys) < count:
+        n += 1
+        candidate = f"{first}-{n}"
+        if partition_for(candidate) == partition_for(first):
+            keys.append(candidate)
+    return keys
+
+
+def test_happy_path_costs_no_query(app: Celery, run: str, results: redis.Redis,
+                                   django_assert_num_queries: Any) -> None:
+    keys = same_partition_keys(3)
+    with django_assert_num_queries(1):  # the consumer's first message of a partition loads its held keys
+        deliver(app, "strict_step", keys[0], 1, run)
+    with django_assert_num_queries(0):
+        for seq in range(2, 12):
+            for key in keys:
+                assert deliver(app, "strict_step", key, seq, run) is None
+    assert ran(results, run, keys[1]) == list(range(2, 12))
+
+
+def test_failure_blocks_only_its_key_and_parks_what_follows(app: Celery, run: str,
+                                                            results: redis.Redis) -> None:
+    bad, good = same_partition_keys(2)
+    fail(results, run, bad, 2)
+    blocked: list[dict[str, Any]] = []
+    key_blocked.connect(lambda **kw: blocked.append(kw), weak=False, dispatch_uid="t-blocked")
+    try:
+        for seq in (1, 2, 3):
+            deliver(app, "strict_step", bad, seq, run)
+            deliver(app, "strict_step", good, seq, run)
+        deliver(app, "strict_step", bad, 4, run)
+    finally:
+        key_blocked.disconnect(dispatch_uid="t-blocked")
+    assert ran(results, run, bad) == [1]
+    assert ran(results, run, good) == [1, 2, 3]
+    state = AccountState.objects.get(key=bad)
+    assert (state.status, state.failures, state.blocks, state.partition) == ("blocked", 1, 1, partition_for(bad))
+    assert "Boom: " in state.last_error
+    rows = list(ParkedMessage.objects.filter(key=bad).order_by("position"))
+    assert [(r.reason, r.state) for r in rows] == [("failed", "parked"), ("key_held", "parked"),
+                                                   ("key_held", "parked")]
+    assert [r.attempts for r in rows] == [1, 0, 0]
+    assert "failed on purpose" in rows[0].traceback
+    assert rows[0].task_name == T + "strict_step"
+    assert [len(blocked), blocked[0]["key"], blocked[0]["task_id"]] == [1, bad, rows[0].task_id]
+    assert not AccountState.objects.filter(key=good).exists()
+
+
+def test_replay_runs_parked_messages_in_order_then_the_key_is_active(app: Celery, run: str,
+                                                                     results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 2)
+    for seq in (1, 2, 3, 4):
+        deliver(app, "strict_step", key, seq, run)
+    results.delete(f"{run}:fail:{key}:2")
+    request = replay(key, requested_by="alice")
+    assert (request.action, request.requested_by, request.applied_at) == (REPLAY, "alice", None)
+    resumed: list[str] = []
+    key_resumed.connect(lambda key, **_: resumed.append(key), weak=False, dispatch_uid="t-resumed")
+    try:
+        assert apply_control(app, key, REPLAY, request.pk) == "active"
+    finally:
+        key_resumed.disconnect(dispatch_uid="t-resumed")
+    assert ran(results, run, key) == [1, 2, 3, 4]
+    assert resumed == [key]
+    assert not ParkedMessage.objects.filter(key=key).exists()
+    state = AccountState.objects.get(key=key)
+    assert (state.status, state.replays) == ("active", 1)
+    request.refresh_from_db()
+    assert request.applied_at is not None and "active" in request.outcome
+    deliver(app, "strict_step", key, 5, run)
+    assert ran(results, run, key) == [1, 2, 3, 4, 5]
+
+
+def test_repeated_request_for_one_incident_applies_once(app: Celery, run: str, results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1)
+    deliver(app, "strict_step", key, 1, run)
+    deliver(app, "strict_step", key, 2, run)
+    first, second = skip(key), skip(key)
+    assert apply_control(app, key, SKIP, first.pk) == "active"
+    assert apply_control(app, key, SKIP, second.pk).startswith("nothing to do")
+    assert ran(results, run, key) == [2]
+    assert list(ParkedMessage.objects.filter(key=key).values_list("state", flat=True)) == ["skipped"]
+    second.refresh_from_db()
+    assert second.outcome == "nothing to do: the key is active"
+
+
+def test_failure_during_replay_blocks_again_with_the_rest_parked(app: Celery, run: str,
+                                                                 results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1)
+    fail(results, run, key, 2, times=1)
+    for seq in (1, 2, 3):
+        deliver(app, "strict_step", key, seq, run)
+    results.delete(f"{run}:fail:{key}:1")
+    assert apply_control(app, key, REPLAY, replay(key).pk) == "blocked"
+    assert ran(results, run, key) == [1]
+    rows = list(ParkedMessage.objects.filter(key=key).order_by("position"))
+    assert [(r.reason, r.attempts) for r in rows] == [("failed", 1), ("key_held", 0)]
+    assert AccountState.objects.get(key=key).blocks == 2
+    assert apply_control(app, key, REPLAY, replay(key).pk) == "active"
+    assert ran(results, run, key) == [1, 2, 3]
+
+
+def test_retry_waits_in_place_and_wakes_up(app: Celery, run: str, results: redis.Redis) -> None:
+    key, other = same_partition_keys(2)
+    fail(results, run, key, 1, times=1)
+    info = deliver(app, "autoretry_step", key, 1, run)
+    assert info.state == "RETRY"
+    deliver(app, "autoretry_step", key, 2, run)
+    deliver(app, "autoretry_step", other, 1, run)
+    state = AccountState.objects.get(key=key)
+    assert (state.status, state.retries) == ("retrying", 1)
+    head = ParkedMessage.objects.filter(key=key).order_by("position").first()
+    assert head is not None and head.reason == "retrying" and head.headers["retries"] == 1
+    assert head.due_at is not None and head.due_at > timezone.now()
+    assert wake(app, key, partition_for(key)) == "not due yet"
+    AccountState.objects.filter(key=key).update(retry_at=timezone.now() - timedelta(seconds=1))
+    assert wake(app, key, partition_for(key)) == "active"
+    assert ran(results, run, key) == [1, 2]
+    assert ran(results, run, other) == [1]
+
+
+def test_retries_exhausted_block_the_key(app: Celery, run: str, results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1)
+    deliver(app, "autoretry_step", key, 1, run)
+    for _ in range(3):
+        AccountState.objects.filter(key=key).update(retry_at=timezone.now())
+        wake(app, key, partition_for(key))
+    state = AccountState.objects.get(key=key)
+    assert (state.status, state.retries, state.failures) == ("blocked", 3, 4)
+    assert int(results.get(f"{run}:attempts:{key}:1") or 0) == 4
+
+
+def test_self_retry_keeps_celery_meaning(app: Celery, run: str, results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1, times=2)
+    assert deliver(app, "self_retry_step", key, 1, run).state == "RETRY"
+    for _ in range(2):
+        AccountState.objects.filter(key=key).update(retry_at=timezone.now())
+        wake(app, key, partition_for(key))
+    assert ran(results, run, key) == [1]
+    assert results.lrange(f"{run}:retries:{key}", 0, -1) == ["2"]
+
+
+def test_continue_policy_records_the_failure_and_goes_on(app: Celery, run: str, results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1)
+    deliver(app, "lenient_step", key, 1, run)
+    deliver(app, "lenient_step", key, 2, run)
+    assert ran(results, run, key) == [2]
+    state = AccountState.objects.get(key=key)
+    assert (state.status, state.failures) == ("active", 1)
+    row = ParkedMessage.objects.get(key=key)
+    assert (row.state, row.reason) == ("failed", "failed")
+
+
+def test_replay_and_skip_refuse_keys_with_nothing_to_do(app: Celery) -> None:
+    with pytest.raises(UnknownKeyError, match="has ever failed"):
+        replay("nobody")
+    AccountState.objects.create(key="fine", partition=partition_for("fine"))
+    with pytest.raises(KeyNotBlockedError, match="active"):
+        skip("fine")
+    assert not ControlRequest.objects.exists()
+
+
+def test_retry_refuses_options_that_would_move_the_message(app: Celery) -> None:
+    task = app.tasks[T + "self_retry_step"]
+    task.push_request(id="x", ordered_key="k", ordered_partition=0, retries=0, is_eager=False,
+                      called_directly=False)
+    try:
+        with pytest.raises(UnsafeOptionError, match="queue"):
+            task.retry(queue="elsewhere")
+    finally:
+        task.pop_request()
+
+
+def test_stored_body_runs_as_the_original(app: Celery) -> None:
+    task = app.tasks[T + "strict_step"]
+    task.push_request(id="abc", ordered_key="k", ordered_partition=3, retries=0, is_eager=False,
+                      ordered_content=["application/json", "utf-8"], callbacks=None)
+    try:
+        delivery = Delivery.from_request(task, task.request, [], {"run": "r", "key": "k", "seq": 1})
+    finally:
+        task.pop_request()
+    assert (delivery.key, delivery.partition, delivery.task_id) == ("k", 3, "abc")
+    assert delivery.content_type == "application/json"
+    assert delivery.body.startswith(b'[[], {"run": "r", "key": "k", "seq": 1}')
+    assert delivery.headers["task"] == task.name
+
+
+def test_no_missing_migrations() -> None:
+    call_command("makemigrations", "ordered_tasks", "--check", "--dry-run", verbosity=0)
