@@ -158,3 +158,15 @@ def test_unknown_task_and_undecodable_messages_are_parked_not_lost(
     assert bytes(rows[0].body) == good and bytes(rows[1].body) == b"[[], {not json"
     assert "tests.no_such_task" in rows[0].exception
     assert status(key) == "blocked" and ran(results, run, key) == []
+
+
+@pytest.mark.parametrize("name, reason", [("dying_step", "worker_lost"), ("overtime_step", "time_limit")])
+def test_lost_pool_process_and_hard_time_limit_park_the_message(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str, name: str, reason: str) -> None:
+    key = same_partition_keys(1)[0]
+    start_workers(1)
+    publish(app, name, run, (key, 1))
+    publish(app, "strict_step", run, (key, 2))
+    eventually(lambda: len(parked(key)) == 2, what="both messages to park")
+    assert parked(key) == [(reason, "parked"), ("key_held", "parked")]
+    assert status(key) == "blocked" and ran(results, run, key) == []

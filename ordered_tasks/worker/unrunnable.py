@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from ..conf import get_settings
 from ..models import ACTIVE, BLOCKED
@@ -23,12 +23,15 @@ def partition_of_message(message: Any) -> int | None:
     return get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
 
 
-def hand_over(pool: Any, message: Any, reason: str, error: str) -> bool:
+def hand_over(pool: Any, message: Any, reason: str, error: str,
+              ack: Callable[[], Any] | None = None, requeue: Callable[[], Any] | None = None) -> bool:
     """Have the pool process park ``message``; acknowledge it once parked.
 
     Returns False (the caller carries on as Celery would) when the message did
     not come from a partition queue. Parking happens in the process that runs
     the partition's tasks, so that its memory of held keys stays right.
+    ``ack`` and ``requeue`` default to the message's own ``ack`` and
+    ``reject(requeue=True)``.
     """
     partition = partition_of_message(message)
     if partition is None:
@@ -38,12 +41,15 @@ def hand_over(pool: Any, message: Any, reason: str, error: str) -> bool:
                  reason, error)
 
     def parked(_result: Any) -> None:
-        message.ack()
+        (ack or message.ack)()
 
     def failed(*exc_info: Any) -> None:
         logger.critical("Could not park message %s; returning it to its queue: %r",
                         delivery.task_id or "?", exc_info)
-        message.reject(requeue=True)
+        if requeue is not None:
+            requeue()
+        else:
+            message.reject(requeue=True)
 
     pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error),
                      callback=parked, error_callback=failed)

@@ -106,3 +106,15 @@ def lenient_step(run: str, key: Any, seq: int) -> None:
     """Records its failure and lets the key go on."""
     attempt(run, key, seq)
     record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", ignore_result=True)
+def dying_step(run: str, key: Any, seq: int) -> None:
+    """Kills its own pool process, as the kernel's OOM killer would."""
+    os.kill(os.getpid(), 9)
+
+
+@ordered_task(key="key", ignore_result=True, time_limit=1)
+def overtime_step(run: str, key: Any, seq: int) -> None:
+    """Runs past its hard time limit."""
+    time.sleep(10)
