@@ -68,6 +68,7 @@ class ParkedMessage(models.Model):
         INVALID = "invalid", "the message is not a valid task message"
         TIME_LIMIT = "time_limit", "the task exceeded its hard time limit"
         WORKER_LOST = "worker_lost", "the process running the task died"
+        REVOKED = "revoked", "revoked by an operator (kept as a record)"
 
     key = models.CharField(max_length=MAX_KEY_LENGTH, db_index=True)
     partition = models.PositiveIntegerField()

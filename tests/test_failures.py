@@ -170,3 +170,18 @@ def test_lost_pool_process_and_hard_time_limit_park_the_message(
     eventually(lambda: len(parked(key)) == 2, what="both messages to park")
     assert parked(key) == [(reason, "parked"), ("key_held", "parked")]
     assert status(key) == "blocked" and ran(results, run, key) == []
+
+
+def test_revoked_message_is_kept_as_a_record_and_its_key_goes_on(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = same_partition_keys(1)[0]
+    workers = start_workers(1)
+    task_id = str(uuid.uuid4())
+    assert app.control.revoke(task_id, destination=workers.nodes, reply=True, timeout=5)
+    app.tasks[T + "strict_step"].apply_async(kwargs={"run": run, "key": key, "seq": 1}, task_id=task_id)
+    publish(app, "strict_step", run, (key, 2))
+    assert wait_done(results, run, 1) == 1
+    assert ran(results, run, key) == [2]
+    row = eventually(lambda: ParkedMessage.objects.filter(key=key).first(), what="the revoked record")
+    assert (row.reason, row.state, row.task_id) == ("revoked", "skipped", task_id)
+    assert status(key) == "active"

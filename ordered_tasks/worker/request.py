@@ -60,6 +60,10 @@ class OrderedRequest(Request):  # type: ignore[misc]
         self._parking = hand_over(pool, message, reason, error, ack=parked, requeue=not_parked)
         return self._parking
 
+    def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
+        self._park(Reason.REVOKED, f"Revoked ({reason}).")
+        super()._announce_revoked(reason, terminated, signum, expired)
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft and not state.should_terminate:
             self._park(Reason.TIME_LIMIT, f"Hard time limit ({timeout} s) exceeded.")

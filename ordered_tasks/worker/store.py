@@ -123,6 +123,15 @@ def record_failure(key: str, partition: int, *, delivery: Delivery | None = None
         state.save()
 
 
+def record_revoked(delivery: Delivery, error: str) -> AccountState:
+    """Keep a revoked message as a record; its key goes on."""
+    with transaction.atomic():
+        state = locked_state(delivery.key, delivery.partition)
+        _add_row(state, delivery, reason=Reason.REVOKED, state=ParkedMessage.State.SKIPPED, exception=error)
+        state.save(update_fields=["sequence", "updated_at"])
+    return state
+
+
 def activate(key: str, partition: int) -> AccountState:
     """The key has no parked messages left: it runs its messages directly again."""
     with transaction.atomic():

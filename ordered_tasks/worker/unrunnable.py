@@ -7,13 +7,14 @@ import logging
 from typing import Any, Callable
 
 from ..conf import get_settings
-from ..models import ACTIVE, BLOCKED
+from ..models import ACTIVE, BLOCKED, ParkedMessage
 from ..signals import key_blocked
 from . import store
 from .book import BOOK
 from .delivery import Delivery
 
 logger = logging.getLogger(__name__)
+Reason = ParkedMessage.Reason
 
 
 def partition_of_message(message: Any) -> int | None:
@@ -59,6 +60,8 @@ def hand_over(pool: Any, message: Any, reason: str, error: str,
 def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
     """Pool side of :func:`hand_over`: store the message and hold its key."""
     delivery = Delivery(**fields)
+    if reason == Reason.REVOKED:
+        return store.record_revoked(delivery, error).status
     was = BOOK.status(delivery.key, delivery.partition)
     state = store.park_unrunnable(delivery, reason, error)
     BOOK.set(delivery.key, state.status)
