@@ -272,3 +272,21 @@ def test_stored_body_runs_as_the_original(app: Celery) -> None:
 
 def test_no_missing_migrations() -> None:
     call_command("makemigrations", "ordered_tasks", "--check", "--dry-run", verbosity=0)
+
+
+def test_a_message_that_cannot_be_parked_goes_back_to_the_broker(app: Celery, run: str, results: redis.Redis,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import OperationalError
+
+    from ordered_tasks.worker import guard, store
+
+    def database_down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("database is down")
+
+    monkeypatch.setattr(guard, "REQUEUE_PAUSE", 0)
+    monkeypatch.setattr(store, "block", database_down)
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1)
+    info = deliver(app, "strict_step", key, 1, run)
+    assert info.state == "REJECTED" and info.retval.requeue
+    assert BOOK.status(key, partition_for(key)) == "active"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject, Retry
+from django.db import DatabaseError
 from django.utils import timezone
 
 from ..models import ACTIVE, BLOCKED, RETRYING
@@ -19,6 +24,11 @@ from .mixin import InPlaceRetry, Parked, seconds_until
 
 if TYPE_CHECKING:
     from ..models import ParkedMessage
+
+logger = logging.getLogger(__name__)
+#: Seconds to wait before returning a message that could not be parked.
+REQUEUE_PAUSE = 1.0
+
 
 @dataclass
 class Replaying:
@@ -40,7 +50,8 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     if replaying is not None and replaying.row.task_id != request.id:
         replaying = None
     if replaying is None and BOOK.status(key, partition) != ACTIVE:
-        store.park_held(Delivery.from_request(task, request, args, kwargs))
+        with _requeue_unless_stored(request):
+            store.park_held(Delivery.from_request(task, request, args, kwargs))
         raise Parked(f"parked: key {key!r} is held by an earlier message")
     try:
         try:
@@ -54,16 +65,29 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
             replaying.outcome = "ok"
         raise
     except InPlaceRetry as retry:
-        _retry(task, request, args, kwargs, key, partition, retry, replaying)
+        with _requeue_unless_stored(request):
+            _retry(task, request, args, kwargs, key, partition, retry, replaying)
         raise
     except Exception as exc:
-        _fail(task, request, args, kwargs, key, partition, exc, replaying)
+        with _requeue_unless_stored(request):
+            _fail(task, request, args, kwargs, key, partition, exc, replaying)
         if isinstance(exc, Reject):
             raise Ignore(f"rejected, and parked: {exc}") from exc
         raise
     if replaying is not None:
         replaying.outcome = "ok"
     return result
+
+
+@contextmanager
+def _requeue_unless_stored(request: Any) -> Iterator[None]:
+    """If the database write fails, hand the message back to the broker instead of losing it."""
+    try:
+        yield
+    except DatabaseError as exc:
+        logger.critical("Could not park message %s (%r); returning it to its queue.", request.id, exc)
+        time.sleep(REQUEUE_PAUSE)  # do not spin on a database outage
+        raise Reject(exc, requeue=True) from exc
 
 
 def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: int,

@@ -62,7 +62,7 @@ class OrderedRequest(Request):  # type: ignore[misc]
 
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
         self._park(Reason.REVOKED, f"Revoked ({reason}).")
-        super()._announce_revoked(reason, terminated, signum, expired)
+        super()._announce_revoked(reason, terminated, signum, expired)  # type: ignore[misc]
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft and not state.should_terminate:
