@@ -12,7 +12,6 @@ from django.utils import timezone
 from ..exceptions import UnsafeOptionError
 from ..options import KEY_HEADER
 
-#: Seconds before an in-place retry when the task names no delay (Celery's is 180).
 DEFAULT_RETRY_DELAY = 2
 
 
@@ -47,6 +46,7 @@ class GuardedTaskMixin:
     Request = "ordered_tasks.worker.request:OrderedRequest"
     #: What a failure does once retries are exhausted: ``"block"`` or ``"continue"``.
     failure_policy = "block"
+    #: Seconds before an in-place retry that names no delay (Celery's default is 180).
     default_retry_delay = DEFAULT_RETRY_DELAY
     #: True for the control task, which runs even while its key is held.
     ordered_control = False
