@@ -134,11 +134,12 @@ def test_self_retry_and_continue_policy(app: Celery, start_workers: Any, results
     assert parked(lenient) == [("failed", "failed")] and status(lenient) == "active"
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_unknown_task_and_undecodable_messages_are_parked_not_lost(
-        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+        app: Celery, start_workers: Any, results: redis.Redis, run: str, pool: str) -> None:
     key = same_partition_keys(1)[0]
     queue = partition_queue(get_settings().queue_prefix, partition_for(key))
-    start_workers(1)
+    start_workers(1, "--pool", pool)
 
     def raw(task: str, body: bytes) -> None:
         headers = {"lang": "py", "task": task, "id": str(uuid.uuid4()), "retries": 0,
@@ -158,6 +159,13 @@ def test_unknown_task_and_undecodable_messages_are_parked_not_lost(
     assert bytes(rows[0].body) == good and bytes(rows[1].body) == b"[[], {not json"
     assert "tests.no_such_task" in rows[0].exception
     assert status(key) == "blocked" and ran(results, run, key) == []
+    # The book of held keys lives in the process that runs tasks: after a replay
+    # the (still unknown) head blocks again, and a new message waits behind it.
+    replay(key)
+    eventually(lambda: AccountState.objects.get(key=key).blocks == 2, what="the replay to block again")
+    publish(app, "strict_step", run, (key, 3))
+    eventually(lambda: len(parked(key)) == 4, what="the new message to park")
+    assert ran(results, run, key) == []
 
 
 @pytest.mark.parametrize("name, reason", [("dying_step", "worker_lost"), ("overtime_step", "time_limit")])
