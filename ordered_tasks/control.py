@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 
 from .decorators import ordered_task
 from .exceptions import KeyNotBlockedError, UnknownKeyError
@@ -25,11 +27,20 @@ WAKE = "wake"
 
 
 @ordered_task(key="key", name=CONTROL_TASK, bind=True, ignore_result=True, ordered_control=True)
-def control(self: Task[Any, Any], key: str, action: str, request_id: int | None = None) -> str:
+def control(self: Task[Any, Any], key: str, action: str, request_id: int | None = None,
+            due: str | None = None) -> str:
     """Apply a replay, skip or retry wake-up to ``key``, on its partition's consumer."""
+    from django.db import DatabaseError
+
     from .worker.actions import apply_control
 
-    return apply_control(self.app, key, action, request_id)
+    try:
+        return apply_control(self.app, key, action, request_id, due)
+    except DatabaseError as exc:
+        logger.critical("Control message %s for key %r failed (%r); returning it to its queue.",
+                        action, key, exc)
+        time.sleep(1.0)  # do not spin on a database outage
+        raise Reject(exc, requeue=True) from exc
 
 
 def _app(app: Celery | None) -> Celery:
@@ -41,10 +52,11 @@ def _app(app: Celery | None) -> Celery:
 
 
 def publish_control(app: Celery, key: str, action: str, request_id: int | None = None,
-                    eta: datetime | None = None) -> None:
+                    eta: datetime | None = None, due: datetime | None = None) -> None:
     """Publish one control message into the partition queue of ``key``."""
     task: Any = app.tasks[CONTROL_TASK]
-    kwargs = {"key": key, "action": action, "request_id": request_id}
+    kwargs = {"key": key, "action": action, "request_id": request_id,
+              "due": due.isoformat() if due is not None else None}
     options = task.publish_options((), kwargs, {})
     if eta is not None:
         options["eta"] = eta
@@ -53,7 +65,7 @@ def publish_control(app: Celery, key: str, action: str, request_id: int | None =
 
 def publish_wake(app: Celery, key: str, due_at: datetime) -> None:
     """Have the consumer look at ``key`` again at ``due_at`` (an in-place retry is due)."""
-    publish_control(app, key, WAKE, eta=due_at)
+    publish_control(app, key, WAKE, eta=due_at, due=due_at)
 
 
 def _request(action: str, key: object, requested_by: str, app: Celery | None) -> ControlRequest:

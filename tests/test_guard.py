@@ -194,7 +194,9 @@ def test_retry_waits_in_place_and_wakes_up(app: Celery, run: str, results: redis
     head = ParkedMessage.objects.filter(key=key).order_by("position").first()
     assert head is not None and head.reason == "retrying" and head.headers["retries"] == 1
     assert head.due_at is not None and head.due_at > timezone.now()
-    assert wake(app, key, partition_for(key)) == "not due yet"
+    assert wake(app, key, partition_for(key), due=head.due_at) == "not due yet"
+    stale = head.due_at - timedelta(seconds=30)
+    assert wake(app, key, partition_for(key), due=stale) == "nothing to do: a later retry is scheduled"
     AccountState.objects.filter(key=key).update(retry_at=timezone.now() - timedelta(seconds=1))
     assert wake(app, key, partition_for(key)) == "active"
     assert ran(results, run, key) == [1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -28,13 +29,16 @@ logger = logging.getLogger(__name__)
 #: Parked messages run per control message; a longer backlog continues
 #: behind the messages waiting in the partition queue.
 DRAIN_BATCH = 100
+#: A wake-up more than this much earlier than the key's retry time is stale.
+STALE_AFTER = timedelta(milliseconds=1)
 
 
-def apply_control(app: Celery, key: str, action: str, request_id: int | None) -> str:
+def apply_control(app: Celery, key: str, action: str, request_id: int | None,
+                  due: str | None = None) -> str:
     """Apply one control message; return what happened (for the worker log)."""
     partition = partition_of(key, get_settings().partitions)
     if action == WAKE:
-        return wake(app, key, partition)
+        return wake(app, key, partition, datetime.fromisoformat(due) if due else None)
     if action not in (REPLAY, SKIP):
         logger.error("Unknown control action %r for key %r: ignored.", action, key)
         return "unknown action"
@@ -83,14 +87,21 @@ def _refusal(state: AccountState | None, request: ControlRequest) -> str | None:
     return None
 
 
-def wake(app: Celery, key: str, partition: int) -> str:
-    """An in-place retry may be due: run the key's parked messages if it is."""
+def wake(app: Celery, key: str, partition: int, due: datetime | None = None) -> str:
+    """An in-place retry may be due: run the key's parked messages if it is.
+
+    ``due`` is the retry time the wake-up was published for. A wake-up for an
+    earlier retry than the key's current one is stale (the current retry
+    published its own) and does nothing; one that fired early is put back.
+    """
     state = AccountState.objects.filter(key=key).first()
     if state is None or state.status != RETRYING:
         return "nothing to do: the key is not retrying"
-    now = timezone.now()
-    if state.retry_at is not None and state.retry_at > now:
-        publish_wake(app, key, state.retry_at)
+    retry_at = state.retry_at
+    if retry_at is not None and due is not None and retry_at > due + STALE_AFTER:
+        return "nothing to do: a later retry is scheduled"
+    if retry_at is not None and retry_at > timezone.now():
+        publish_wake(app, key, retry_at)
         return "not due yet"
     return drain(app, key, partition)
 
@@ -110,7 +121,8 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
             state.status = RETRYING
             state.retry_at = timezone.now()
             state.save(update_fields=["status", "retry_at", "updated_at"])
-        publish_control(app, key, WAKE)
+        BOOK.set(key, RETRYING)
+        publish_control(app, key, WAKE, due=state.retry_at)
         return RETRYING
     store.activate(key, partition)
     BOOK.set(key, ACTIVE)
@@ -163,7 +175,8 @@ def recover_retries(app: Celery, partitions: list[int] | tuple[int, ...] | Any) 
     held = AccountState.objects.filter(partition__in=list(partitions), status=RETRYING)
     count = 0
     for key, retry_at in held.values_list("key", "retry_at"):
-        publish_control(app, key, WAKE, eta=retry_at if retry_at and retry_at > now else None)
+        publish_control(app, key, WAKE, eta=retry_at if retry_at and retry_at > now else None,
+                        due=retry_at)
         count += 1
     if count:
         logger.info("Scheduled %d retrying keys again.", count)

@@ -15,7 +15,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError
 from django.utils import timezone
 
-from ..models import ACTIVE, BLOCKED, RETRYING
+from ..models import ACTIVE, BLOCKED, RETRYING, AccountState
 from ..options import KEY_HEADER, PARTITION_HEADER
 from . import store
 from .book import BOOK
@@ -139,5 +139,5 @@ def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: 
     BOOK.set(key, BLOCKED)
     if replaying is not None:
         replaying.outcome = BLOCKED
-    key_blocked.send(sender=task.__class__, key=key, partition=partition, task_name=task.name,
+    key_blocked.send(sender=AccountState, key=key, partition=partition, task_name=task.name,
                      task_id=request.id, exception=error, reason=store.Reason.FAILED)

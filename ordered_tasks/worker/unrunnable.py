@@ -7,7 +7,7 @@ import logging
 from typing import Any, Callable
 
 from ..conf import get_settings
-from ..models import ACTIVE, BLOCKED, ParkedMessage
+from ..models import ACTIVE, BLOCKED, AccountState, ParkedMessage
 from ..signals import key_blocked
 from . import store
 from .book import BOOK
@@ -66,7 +66,7 @@ def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
     state = store.park_unrunnable(delivery, reason, error)
     BOOK.set(delivery.key, state.status)
     if was == ACTIVE and state.status == BLOCKED:
-        key_blocked.send(sender=Delivery, key=delivery.key, partition=delivery.partition,
+        key_blocked.send(sender=AccountState, key=delivery.key, partition=delivery.partition,
                          task_name=delivery.task_name, task_id=delivery.task_id, exception=error,
                          reason=reason)
     return state.status
