@@ -193,3 +193,33 @@ def test_revoked_message_is_kept_as_a_record_and_its_key_goes_on(
     row = eventually(lambda: ParkedMessage.objects.filter(key=key).first(), what="the revoked record")
     assert (row.reason, row.state, row.task_id) == ("revoked", "skipped", task_id)
     assert status(key) == "active"
+
+
+def test_task_ordered_by_routes_blocks_and_replays_like_a_decorated_one(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1)
+    start_workers(1)
+    for seq in (1, 2):
+        app.send_task("events.external_step", kwargs={"run": run, "key": key, "seq": seq})
+    eventually(lambda: len(parked(key)) == 2, what="parking")
+    assert parked(key) == [("failed", "parked"), ("key_held", "parked")]
+    results.delete(f"{run}:fail:{key}:1")
+    replay(key)
+    eventually(lambda: ran(results, run, key) == [1, 2], what="the replay")
+
+
+def test_a_retry_survives_a_restart_of_the_workers(app: Celery, start_workers: Any, results: redis.Redis,
+                                                   run: str) -> None:
+    key = same_partition_keys(1)[0]
+    fail(results, run, key, 1, times=1)
+    workers = start_workers(1)
+    publish(app, "patient_step", run, (key, 1), (key, 2))
+    eventually(lambda: len(parked(key)) == 2, what="the retry and the message behind it")
+    assert workers.stop() == 0
+    from tests.conftest import purge_all
+
+    purge_all(app)  # the pending wake-up is gone too: the restarted worker must find the retry itself
+    start_workers(1)
+    eventually(lambda: ran(results, run, key) == [1, 2], what="the retry after the restart")
+    assert eventually(lambda: status(key) == "active")

@@ -35,6 +35,7 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
     if ReadyAwareHubStep not in app.steps["worker"]:
         app.steps["worker"].add(ReadyAwareHubStep)
     app.finalize(auto=True)
+    app.loader.import_default_modules()  # the worker's tasks, found now rather than at worker start
     check_tasks(app)
 
     def recover(**_: object) -> None:

@@ -118,3 +118,17 @@ def dying_step(run: str, key: Any, seq: int) -> None:
 def overtime_step(run: str, key: Any, seq: int) -> None:
     """Runs past its hard time limit."""
     time.sleep(10)
+
+
+@shared_task(ignore_result=True, name="events.external_step")
+def external_step(run: str, key: Any, seq: int) -> None:
+    """A plain task ordered by ``ROUTES``: it gets the same failure handling in ordered workers."""
+    attempt(run, key, seq)
+    record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", ignore_result=True, autoretry_for=(Boom,), default_retry_delay=4)
+def patient_step(run: str, key: Any, seq: int) -> None:
+    """Retried in place after four seconds: long enough to restart the workers meanwhile."""
+    attempt(run, key, seq)
+    record(run, key, seq, 0.0)
