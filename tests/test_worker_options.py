@@ -79,3 +79,30 @@ def test_plan_splits_partitions_over_processes(settings) -> None:
 def test_command_refuses_unsafe_options(argv: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):
         call_command("ordered_worker", *argv)
+
+
+def test_worker_refuses_an_ordered_task_acknowledged_early_and_guards_routed_tasks() -> None:
+    from celery import Celery
+
+    from ordered_tasks.worker.child import check_tasks
+    from ordered_tasks.worker.mixin import GuardedTaskMixin
+
+    app = Celery("check-tasks", set_as_current=False)
+    app.conf.task_acks_late = True  # as configure() sets it
+
+    @app.task(name="events.routed_plain")
+    def routed(key: str) -> None: ...
+
+    @app.task(name="unrelated.plain")
+    def unrelated(key: str) -> None: ...
+
+    check_tasks(app)
+    assert isinstance(app.tasks["events.routed_plain"], GuardedTaskMixin)
+    assert app.tasks["events.routed_plain"].failure_policy == "block"
+    assert not isinstance(app.tasks["unrelated.plain"], GuardedTaskMixin)
+
+    @app.task(name="events.early", acks_late=False)
+    def early(key: str) -> None: ...
+
+    with pytest.raises(UnsafeWorkerOptionError, match="acks_late=False"):
+        check_tasks(app)
