@@ -83,9 +83,10 @@ def strict_step(run: str, key: Any, seq: int) -> None:
     record(run, key, seq, 0.0)
 
 
-@ordered_task(key="key", ignore_result=True, autoretry_for=(Boom,), max_retries=3, default_retry_delay=1)
+@ordered_task(key="key", ignore_result=True, autoretry_for=(Boom,), max_retries=3, retry_backoff=1,
+              retry_jitter=False)
 def autoretry_step(run: str, key: Any, seq: int, sleep: float = 0.0) -> None:
-    """Retried in place up to three times, one second apart."""
+    """Retried in place up to three times, with exponential backoff (1 s, 2 s, 4 s)."""
     attempt(run, key, seq)
     record(run, key, seq, sleep)
 
