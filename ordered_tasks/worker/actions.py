@@ -83,7 +83,7 @@ def _refusal(state: AccountState | None, request: ControlRequest) -> str | None:
     if state.status == ACTIVE:
         return "nothing to do: the key is active"
     if state.epoch != request.epoch:
-        return "nothing to do: the key changed since the request (already applied)"
+        return "nothing to do: the request is for an earlier incident of the key (already applied)"
     return None
 
 

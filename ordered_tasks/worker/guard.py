@@ -49,10 +49,13 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     replaying = REPLAYING.get()
     if replaying is not None and replaying.row.task_id != request.id:
         replaying = None
-    if replaying is None and BOOK.status(key, partition) != ACTIVE:
+    if replaying is None:
         with _requeue_unless_stored(request):
-            store.park_held(Delivery.from_request(task, request, args, kwargs))
-        raise Parked(f"parked: key {key!r} is held by an earlier message")
+            held = BOOK.status(key, partition) != ACTIVE
+            if held:
+                store.park_held(Delivery.from_request(task, request, args, kwargs))
+        if held:
+            raise Parked(f"parked: key {key!r} is held by an earlier message")
     try:
         try:
             result = task.run(*args, **kwargs)
