@@ -101,11 +101,12 @@ def test_failing_again_during_replay_blocks_again_and_skip_moves_on(
     assert parked(key) == [("failed", "skipped")]
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_transient_failure_backs_off_in_place_while_other_keys_of_its_partition_run(
-        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+        app: Celery, start_workers: Any, results: redis.Redis, run: str, pool: str) -> None:
     slow, *others = same_partition_keys(4)
     fail(results, run, slow, 1, times=2)
-    start_workers(1)
+    start_workers(1, "--pool", pool)
     publish(app, "autoretry_step", run, (slow, 1), (slow, 2), *[(k, s) for s in (1, 2, 3) for k in others])
     assert wait_done(results, run, 11, timeout=60) == 11
     assert ran(results, run, slow) == [1, 2]
