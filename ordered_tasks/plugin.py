@@ -8,6 +8,7 @@ from celery import Celery, _state
 
 from .publish import PublishGuard
 from .routing import route_task
+from .worker.startup import RefuseUnsafeConsumers
 
 ROUTER_PATH = "ordered_tasks.routing.route_task"
 
@@ -24,8 +25,9 @@ def _routes_of(app: Celery) -> tuple[Any, ...]:
 def install(app: Celery) -> Celery:
     """Make ``app`` route ordered tasks to partition queues (idempotent).
 
-    Puts :func:`~ordered_tasks.routing.route_task` first in ``task_routes``
-    and guards ``send_task_message``. ordered_tasks calls this for every
+    Puts :func:`~ordered_tasks.routing.route_task` first in ``task_routes``,
+    guards ``send_task_message``, and adds a worker start-up check that
+    refuses to consume partition queues outside ``ordered_worker``. ordered_tasks calls this for every
     Celery app when Django loads the app registry; call it yourself for a
     Celery app created later.
     """
@@ -35,6 +37,7 @@ def install(app: Celery) -> Celery:
         amqp = app.amqp
         amqp.flush_routes()
         amqp.__dict__.pop("router", None)
+    app.steps["worker"].add(RefuseUnsafeConsumers)
     amqp = app.amqp
     if not isinstance(amqp.send_task_message, PublishGuard):
         amqp.send_task_message = PublishGuard(app, amqp.send_task_message)  # type: ignore[misc]

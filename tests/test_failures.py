@@ -170,8 +170,19 @@ def test_unknown_task_and_undecodable_messages_are_parked_not_lost(
     assert ran(results, run, key) == []
 
 
+def test_a_message_whose_pool_process_died_runs_again_before_the_next(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = same_partition_keys(1)[0]
+    start_workers(1)
+    publish(app, "dies_once_step", run, (key, 1), (key, 2))
+    assert wait_done(results, run, 2) == 2
+    assert ran(results, run, key) == [1, 2]
+    assert int(results.get(f"{run}:attempts:{key}:1") or 0) == 2
+    assert parked(key) == []
+
+
 @pytest.mark.parametrize("name, reason", [("dying_step", "worker_lost"), ("overtime_step", "time_limit")])
-def test_lost_pool_process_and_hard_time_limit_park_the_message(
+def test_pool_process_dying_every_time_and_hard_time_limit_park_the_message(
         app: Celery, start_workers: Any, results: redis.Redis, run: str, name: str, reason: str) -> None:
     key = same_partition_keys(1)[0]
     start_workers(1)

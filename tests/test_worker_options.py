@@ -106,3 +106,23 @@ def test_worker_refuses_an_ordered_task_acknowledged_early_and_guards_routed_tas
 
     with pytest.raises(UnsafeWorkerOptionError, match="acks_late=False"):
         check_tasks(app)
+
+
+@pytest.mark.integration
+def test_a_plain_celery_worker_refuses_partition_queues(redis_broker: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ordered_tasks import queue_for
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TEST_BROKER_URL": redis_broker, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.testapp.celery:app", "worker", "--pool", "solo",
+         "-Q", f"other,{queue_for('k')}", "--without-mingle", "--without-gossip"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "not started by 'manage.py ordered_worker'" in done.stderr + done.stdout

@@ -7,6 +7,7 @@ Started by the ``ordered_worker`` supervisor as
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Sequence
 
@@ -22,8 +23,11 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
     from ..plugin import install
     from ..queues import partition_queue
     from .hub import ReadyAwareHubStep
+    from .platform import die_with_parent
+    from .startup import ORDERED_APPS
 
     install(app)
+    ORDERED_APPS.add(app)
     app.conf.worker_consumer = "ordered_tasks.worker.consumer:OrderedConsumer"
     conf = get_settings()
     app.conf.worker_prefetch_multiplier = 1
@@ -44,6 +48,8 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
         recover_retries(app, partitions)
 
     signals.worker_ready.connect(recover, weak=False)
+    # A pool process must not outlive its worker: it would run on unsupervised.
+    signals.worker_process_init.connect(lambda **_: die_with_parent(signal.SIGKILL), weak=False)
     return [q.name for q in queues]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]
@@ -17,6 +18,12 @@ from .delivery import CONTENT_ENTRY
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
+logger = logging.getLogger(__name__)
+#: Times a message is run again after its pool process died, before it is parked.
+MAX_RERUNS = 2
+#: Request entry marking a message run again after its pool process died.
+RERUN_ENTRY = "ordered_rerun"
+_LOST: dict[str, int] = {}
 
 
 class OrderedRequest(Request):  # type: ignore[misc]
@@ -24,8 +31,9 @@ class OrderedRequest(Request):  # type: ignore[misc]
 
     Celery acknowledges (drops) the message of a task whose body cannot be
     decoded, that exceeded its hard time limit, or whose pool process died.
-    For ordered tasks the message is parked instead and its key blocked; the
-    acknowledgement follows once the parked row is stored.
+    For ordered tasks a message whose pool process died runs again (up to
+    ``MAX_RERUNS`` times); otherwise the message is parked and its key
+    blocked, and the acknowledgement follows once the parked row is stored.
     """
 
     _parking = False
@@ -64,6 +72,26 @@ class OrderedRequest(Request):  # type: ignore[misc]
         self._park(Reason.REVOKED, f"Revoked ({reason}).")
         super()._announce_revoked(reason, terminated, signum, expired)  # type: ignore[misc]
 
+    def _run_again(self) -> bool:
+        """Run the message again in a new pool process, before any later message.
+
+        The message is still unacknowledged and, with prefetch 1, nothing of
+        the partition was delivered after it. After MAX_RERUNS deaths in a row
+        it is parked instead.
+        """
+        pool = current_pool()
+        lost = _LOST.get(self.id, 0)
+        if pool is None or lost >= MAX_RERUNS:
+            _LOST.pop(self.id, None)
+            return False
+        if len(_LOST) > 1000:
+            _LOST.clear()
+        _LOST[self.id] = lost + 1
+        self._request_dict[RERUN_ENTRY] = True  # type: ignore[attr-defined]
+        logger.warning("The pool process running %s[%s] died; running it again.", self.name, self.id)
+        self.execute_using_pool(pool)
+        return True
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft and not state.should_terminate:
             self._park(Reason.TIME_LIMIT, f"Hard time limit ({timeout} s) exceeded.")
@@ -77,11 +105,13 @@ class OrderedRequest(Request):  # type: ignore[misc]
             if self._park(Reason.UNDECODABLE, repr(exc)):
                 state.task_ready(self)
                 return None
-        elif isinstance(exc, WorkerLostError):
+        elif isinstance(exc, WorkerLostError) and not self._parking:
             if state.should_terminate:  # cold shutdown: leave it unacknowledged, it comes back
                 state.task_ready(self)
                 return None
-            self._park(Reason.WORKER_LOST, repr(exc))
+            if self._run_again():
+                return None
+            self._park(Reason.WORKER_LOST, f"{exc!r} ({MAX_RERUNS + 1} times in a row)")
         elif isinstance(exc, TimeLimitExceeded):
             self._park(Reason.TIME_LIMIT, repr(exc))
         return super().on_failure(exc_info, send_failed_event, return_ok)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -11,17 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-logger = logging.getLogger("ordered_tasks.worker")
+from .platform import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+logger = logging.getLogger("ordered_tasks.worker")
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Ask Linux to send SIGTERM to this child when the supervisor dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    die_with_parent(signal.SIGTERM)
 
 
 @dataclass

@@ -133,3 +133,11 @@ def patient_step(run: str, key: Any, seq: int) -> None:
     """Retried in place after four seconds: long enough to restart the workers meanwhile."""
     attempt(run, key, seq)
     record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", ignore_result=True)
+def dies_once_step(run: str, key: Any, seq: int) -> None:
+    """Kills its pool process on the first attempt only (a crash, not a bug)."""
+    if recorder().incr(f"{run}:attempts:{key}:{seq}") == 1:
+        os.kill(os.getpid(), 9)
+    record(run, key, seq, 0.0)

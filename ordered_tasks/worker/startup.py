@@ -1,0 +1,55 @@
+"""Start-up check of every Celery worker in a project that uses ordered_tasks."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from ..conf import get_settings
+from ..exceptions import UnsafeWorkerOptionError
+
+#: Celery apps configured by ``ordered_worker`` (see :func:`~ordered_tasks.worker.child.configure`).
+ORDERED_APPS: weakref.WeakSet[Celery] = weakref.WeakSet()
+
+
+def consumed_partition_queues(app: Celery) -> list[str]:
+    """Names of the partition queues a worker of ``app`` is about to consume."""
+    queues = app.amqp.queues
+    names = queues.consume_from if queues.consume_from is not None else queues
+    conf = get_settings()
+    return sorted(name for name in names if conf.partition_of_queue(name) is not None)
+
+
+class RefuseUnsafeConsumers(bootsteps.Step):  # type: ignore[misc]
+    """Refuses to start a worker that would consume partition queues unsafely.
+
+    A plain ``celery worker -Q <partition queue>`` (or one whose
+    ``task_queues`` lists a partition queue) would run several messages of a
+    partition at once and, on RabbitMQ, could become the partition's active
+    consumer. Only workers started by ``manage.py ordered_worker`` may
+    consume partition queues, and only with concurrency 1 and prefetch 1.
+    """
+
+    name = "ordered_tasks.refuse_unsafe_consumers"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        app = worker.app
+        ordered = consumed_partition_queues(app)
+        if not ordered:
+            return
+        shown = ", ".join(ordered[:4]) + (" ..." if len(ordered) > 4 else "")
+        if app not in ORDERED_APPS:
+            raise UnsafeWorkerOptionError(
+                f"This worker would consume the partition queues {shown} of ordered_tasks, "
+                "but it was not started by 'manage.py ordered_worker'. Remove them from -Q "
+                "and task_queues, and run 'python manage.py ordered_worker' for them."
+            )
+        prefetch = app.conf.worker_prefetch_multiplier
+        if worker.concurrency != 1 or prefetch != 1:
+            raise UnsafeWorkerOptionError(
+                f"An ordered worker must run one task at a time with prefetch 1; this one has "
+                f"concurrency {worker.concurrency} and prefetch multiplier {prefetch}. Do not "
+                "override them (settings, -c, --prefetch-multiplier)."
+            )
