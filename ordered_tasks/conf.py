@@ -21,7 +21,9 @@ DEFAULTS: dict[str, Any] = {
     "QUEUE_PREFIX": "ordered",
     "ROUTES": {},
     "CELERY_APP": None,
+    "REDIS_URL": None,
 }
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PARTITIONS = 4096
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:]*(\.[A-Za-z0-9_\-:]+)*$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,6 +46,15 @@ class OrderedTasksSettings:
     queue_prefix: str = "ordered"
     routes: tuple[tuple[re.Pattern[str], RouteKey], ...] = field(default_factory=tuple)
     celery_app: str | None = None
+    redis_url: str | None = None
+
+    def coordination_url(self, broker_url: str | None) -> str | None:
+        """Redis for leases and the completion ledger: ``REDIS_URL``, else a Redis broker."""
+        if self.redis_url:
+            return self.redis_url
+        if broker_url and broker_url.startswith(_REDIS_SCHEMES):
+            return broker_url
+        return None
 
     def route_key_for(self, task_name: str) -> RouteKey | None:
         """The key argument that ``ROUTES`` declares for ``task_name``, if any."""
@@ -97,6 +108,11 @@ def find_problems(raw: Any) -> list[Problem]:
         problems.append(Problem(
             "ordered_tasks.E006", f"ORDERED_TASKS['CELERY_APP'] is {app!r}.",
             "Use the dotted path of your Celery app, for example 'proj.celery:app', or leave it out."))
+    redis_url = raw.get("REDIS_URL", DEFAULTS["REDIS_URL"])
+    if redis_url is not None and (not isinstance(redis_url, str) or not redis_url.startswith(_REDIS_SCHEMES)):
+        problems.append(Problem(
+            "ordered_tasks.E007", f"ORDERED_TASKS['REDIS_URL'] is {redis_url!r}.",
+            "Use a Redis URL such as 'redis://localhost:6379/0', or leave it out to use a Redis broker."))
     return problems
 
 
@@ -136,6 +152,7 @@ def build(raw: Any) -> OrderedTasksSettings:
         queue_prefix=merged["QUEUE_PREFIX"],
         routes=tuple((_compile(p), k) for p, k in merged["ROUTES"].items()),
         celery_app=merged["CELERY_APP"],
+        redis_url=merged["REDIS_URL"],
     )
 
 

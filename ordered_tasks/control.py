@@ -8,10 +8,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from .decorators import ordered_task
-from .exceptions import KeyNotBlockedError, UnknownKeyError
+from .exceptions import KeyNotBlockedError, StaleOwnerError, UnknownKeyError
 from .options import CONTROL_TASK
 from .partitioning import canonical_key
 from .task import OrderedTaskMixin
@@ -36,6 +36,9 @@ def control(self: Task[Any, Any], key: str, action: str, request_id: int | None 
 
     try:
         return apply_control(self.app, key, action, request_id, due)
+    except StaleOwnerError as exc:
+        logger.warning("Control message %s for key %r not applied: %s", action, key, exc)
+        raise Ignore(str(exc)) from exc
     except DatabaseError as exc:
         logger.critical("Control message %s for key %r failed (%r); returning it to its queue.",
                         action, key, exc)

@@ -31,3 +31,7 @@ class UnknownKeyError(OrderedTaskError, LookupError):
 
 class KeyNotBlockedError(OrderedTaskError):
     """Replay or skip of a key that is active: there is nothing to replay or skip."""
+
+
+class StaleOwnerError(OrderedTaskError):
+    """A worker that lost its partition's lease tried to change the state of its keys."""

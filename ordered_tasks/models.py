@@ -122,3 +122,19 @@ class ControlRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.key} by {self.requested_by or '?'}"
+
+
+class PartitionFence(models.Model):
+    """The highest fencing token seen per partition (Redis leases).
+
+    Each lease acquisition takes a new, larger token. The consumer's state
+    writes carry its token; a write with a smaller one comes from a stale
+    owner that lost its partition, and is refused.
+    """
+
+    partition = models.PositiveIntegerField(primary_key=True)
+    fence = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"partition {self.partition}: fence {self.fence}"

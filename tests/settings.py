@@ -55,4 +55,6 @@ ORDERED_TASKS = {
     "QUEUE_PREFIX": os.environ.setdefault("TEST_QUEUE_PREFIX", f"tests.{uuid.uuid4().hex[:8]}"),
     "ROUTES": {"events.*": "key"},
     "CELERY_APP": "tests.testapp.celery:app",
+    # Leases and the completion ledger, whichever broker the test uses.
+    "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14"),
 }

@@ -42,6 +42,7 @@ def test_read_lazily_and_refreshed_on_change(settings) -> None:
         ({"ROUTES": {"a.*": "not an identifier"}}, "ordered_tasks.E005", "keyword name"),
         ({"ROUTES": {"a.*": -1}}, "ordered_tasks.E005", "positional index"),
         ({"CELERY_APP": 3}, "ordered_tasks.E006", "dotted path"),
+        ({"REDIS_URL": "amqp://localhost"}, "ordered_tasks.E007", "Redis URL"),
         ("16", "ordered_tasks.E001", "must be a dict"),
     ],
 )
@@ -73,3 +74,11 @@ def test_partition_of_queue(settings) -> None:
     conf = get_settings()
     assert [conf.partition_of_queue(q) for q in ("o.x.0", "o.x.3", "o.x.4", "o.x.01", "o.x", "celery")] == [
         0, 3, None, None, None, None]
+
+
+def test_coordination_redis_is_the_setting_else_a_redis_broker() -> None:
+    from ordered_tasks.conf import build
+
+    assert build({}).coordination_url("redis://h:6379/1") == "redis://h:6379/1"
+    assert build({}).coordination_url("amqp://guest@h//") is None
+    assert build({"REDIS_URL": "redis://r/2"}).coordination_url("amqp://guest@h//") == "redis://r/2"

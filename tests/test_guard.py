@@ -48,16 +48,18 @@ def run() -> str:
     return uuid.uuid4().hex
 
 
-def deliver(app: Celery, name: str, key: str, seq: int, run: str, retries: int = 0) -> Any:
+def deliver(app: Celery, name: str, key: str, seq: int, run: str, retries: int = 0,
+            task_id: str | None = None, redelivered: bool = False) -> Any:
     """Run one message the way the worker's pool process does; return Celery's trace info."""
     task = app.tasks[T + name]
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     kwargs = {"run": run, "key": key, "seq": seq}
     queue = partition_queue(get_settings().queue_prefix, partition_for(key)).name
     request = {
         "id": task_id, "task": task.name, "retries": retries, "ordered_key": key,
         "ordered_partition": partition_for(key), "is_eager": False, "hostname": "test@host",
-        "delivery_info": {"exchange": "", "routing_key": queue, "priority": None, "redelivered": False},
+        "delivery_info": {"exchange": "", "routing_key": queue, "priority": None,
+                          "redelivered": redelivered},
         "ordered_content": ["application/json", "utf-8"], "args": [], "kwargs": kwargs,
     }
     _, info, _, _ = trace_task(task, task_id, [], kwargs, request, app=app)
@@ -292,3 +294,16 @@ def test_a_message_that_cannot_be_parked_goes_back_to_the_broker(app: Celery, ru
     info = deliver(app, "strict_step", key, 1, run)
     assert info.state == "REJECTED" and info.retval.requeue
     assert BOOK.status(key, partition_for(key)) == "active"
+
+
+def test_a_redelivered_copy_of_a_completed_or_parked_task_does_not_run_again(
+        app: Celery, run: str, results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    deliver(app, "strict_step", key, 1, run, task_id="first")
+    assert deliver(app, "strict_step", key, 1, run, task_id="first", redelivered=True).state == "IGNORED"
+    assert deliver(app, "strict_step", key, 2, run, task_id="second", redelivered=True) is None
+    assert ran(results, run, key) == [1, 2]
+    fail(results, run, key, 3)
+    deliver(app, "strict_step", key, 3, run, task_id="third")
+    deliver(app, "strict_step", key, 3, run, task_id="third", redelivered=True)
+    assert len(ParkedMessage.objects.filter(key=key)) == 1

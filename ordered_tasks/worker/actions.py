@@ -21,7 +21,8 @@ from ..queues import partition_queue
 from ..signals import key_blocked, key_resumed
 from . import store
 from .book import BOOK
-from .delivery import CONTENT_ENTRY
+from .delivery import CONTENT_ENTRY, FENCE_ENTRY
+from .fencing import FENCE
 from .guard import REPLAYING, Replaying
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def run_parked(app: Celery, row: ParkedMessage) -> str:
         "delivery_info": {"exchange": "", "routing_key": partition_queue(
             get_settings().queue_prefix, row.partition).name, "priority": None, "redelivered": False},
         CONTENT_ENTRY: [row.content_type, row.content_encoding],
+        FENCE_ENTRY: FENCE.get(),
     }
     replaying = Replaying(row=row)
     token = REPLAYING.set(replaying)

@@ -22,12 +22,13 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
     from ..conf import get_settings
     from ..plugin import install
     from ..queues import partition_queue
+    from .consumer import Leases
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
     from .startup import ORDERED_APPS
 
     install(app)
-    ORDERED_APPS.add(app)
+    ORDERED_APPS[app] = list(partitions)
     app.conf.worker_consumer = "ordered_tasks.worker.consumer:OrderedConsumer"
     conf = get_settings()
     app.conf.worker_prefetch_multiplier = 1
@@ -38,6 +39,7 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
         app.amqp.queues.add(queue)
     if ReadyAwareHubStep not in app.steps["worker"]:
         app.steps["worker"].add(ReadyAwareHubStep)
+    app.steps["consumer"].add(Leases)
     app.finalize(auto=True)
     app.loader.import_default_modules()  # the worker's tasks, found now rather than at worker start
     check_tasks(app)

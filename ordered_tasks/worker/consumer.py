@@ -6,15 +6,29 @@ import weakref
 from types import MethodType
 from typing import Any
 
+import redis
+from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.tasks import Tasks
 
+from ..conf import get_settings
 from ..models import ParkedMessage
+from ..queues import partition_queue
+from .leases import LEASE_TICK, LeaseKeeper
+from .startup import ORDERED_APPS
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
 _current: weakref.ref[OrderedConsumer] | None = None
+
+
+_keeper: LeaseKeeper | None = None
+
+
+def current_keeper() -> LeaseKeeper | None:
+    """The lease keeper of this worker (Redis broker only), or None."""
+    return _keeper
 
 
 def current_pool() -> Any:
@@ -85,3 +99,46 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         if not hand_over(self.pool, message, Reason.UNDECODABLE, repr(exc)):
             super().on_decode_error(message, exc)
+
+
+class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: on Redis, consume only the partitions whose lease this worker holds.
+
+    A second worker started for the same partitions holds no lease and waits
+    as a standby; it takes a partition over within seconds of its owner
+    stopping or dying. Kombu's restore of unacknowledged messages at
+    shutdown (to the back of the queue) is turned off: the next owner puts
+    them back at the head instead.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.tref: Any = None
+
+    def start(self, c: Any) -> None:
+        global _keeper
+        partitions = ORDERED_APPS.get(c.app)
+        if partitions is None or c.connection.transport.driver_type != "redis":
+            return
+        conf = get_settings()
+        if _keeper is None:
+            url = conf.coordination_url(c.app.conf.broker_url) or c.app.conf.broker_url
+            keeper = _keeper = LeaseKeeper(redis.Redis.from_url(url), conf.queue_prefix, partitions)
+            signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
+        c.task_consumer.channel.qos.restore_at_shutdown = False
+        for partition in partitions:  # nothing until the leases say so, also after a reconnect
+            c.task_consumer.cancel_by_queue(partition_queue(conf.queue_prefix, partition).name)
+        _keeper.consuming.clear()
+        _keeper.acquiring = True
+        _keeper.start()
+        _keeper.apply(c)
+        self.tref = c.timer.call_repeatedly(LEASE_TICK / 2, _keeper.apply, (c,), priority=10)
+
+    def stop(self, c: Any) -> None:
+        if _keeper is not None:
+            _keeper.stop_acquiring()
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None

@@ -14,11 +14,16 @@ from ..options import KEY_HEADER, PARTITION_HEADER
 _NOT_HEADERS = frozenset({
     "args", "kwargs", "callbacks", "errbacks", "chain", "chord", "delivery_info", "hostname",
     "is_eager", "properties", "reply_to", "correlation_id", "called_directly", "_protected",
-    "loglevel", "logfile", "utc", "ordered_content", "_children", "task_name",
+    "loglevel", "logfile", "utc", "ordered_content", "ordered_rerun", "ordered_fence", "_children",
+    "task_name",
 })
 #: Request entry (set by :class:`~ordered_tasks.worker.request.OrderedRequest`)
 #: carrying the content type and encoding of the received body.
 CONTENT_ENTRY = "ordered_content"
+#: Request entry marking a message run again after its pool process died.
+RERUN_ENTRY = "ordered_rerun"
+#: Request entry with the consumer's fencing token for the message's partition (Redis).
+FENCE_ENTRY = "ordered_fence"
 
 
 def json_safe(value: Any) -> Any:

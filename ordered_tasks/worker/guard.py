@@ -15,11 +15,13 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError
 from django.utils import timezone
 
+from ..exceptions import StaleOwnerError
 from ..models import ACTIVE, BLOCKED, RETRYING, AccountState
 from ..options import KEY_HEADER, PARTITION_HEADER
 from . import store
 from .book import BOOK
-from .delivery import Delivery
+from .delivery import RERUN_ENTRY, Delivery
+from .ledger import Ledger, ledger_for
 from .mixin import InPlaceRetry, Parked, seconds_until
 
 if TYPE_CHECKING:
@@ -49,8 +51,11 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     replaying = REPLAYING.get()
     if replaying is not None and replaying.row.task_id != request.id:
         replaying = None
+    ledger = ledger_for(task.app) if replaying is None else None
     if replaying is None:
         with _requeue_unless_stored(request):
+            if _is_redelivery(request) and _handled_before(ledger, request, key, partition):
+                raise Ignore("already handled: a redelivered copy")
             held = BOOK.status(key, partition) != ACTIVE
             if held:
                 store.park_held(Delivery.from_request(task, request, args, kwargs))
@@ -79,7 +84,23 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
         raise
     if replaying is not None:
         replaying.outcome = "ok"
+    elif ledger is not None:
+        ledger.record(partition, request.id)
     return result
+
+
+def _is_redelivery(request: Any) -> bool:
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    return bool(delivery_info.get("redelivered") or getattr(request, RERUN_ENTRY, False))
+
+
+def _handled_before(ledger: Ledger | None, request: Any, key: str, partition: int) -> bool:
+    """A redelivered message already ran to the end, or was already parked."""
+    from ..models import ParkedMessage
+
+    if ledger is not None and ledger.completed(partition, request.id):
+        return True
+    return ParkedMessage.objects.filter(key=key, task_id=request.id).exists()
 
 
 @contextmanager
@@ -87,6 +108,9 @@ def _requeue_unless_stored(request: Any) -> Iterator[None]:
     """If the database write fails, hand the message back to the broker instead of losing it."""
     try:
         yield
+    except StaleOwnerError as exc:
+        logger.warning("Not changing key state: %s", exc)
+        raise Ignore(str(exc)) from exc
     except DatabaseError as exc:
         logger.critical("Could not park message %s (%r); returning it to its queue.", request.id, exc)
         time.sleep(REQUEUE_PAUSE)  # do not spin on a database outage

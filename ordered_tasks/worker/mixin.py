@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from ..exceptions import UnsafeOptionError
 from ..options import KEY_HEADER
+from .delivery import FENCE_ENTRY
+from .fencing import FENCE
 
 DEFAULT_RETRY_DELAY = 2
 
@@ -57,12 +59,17 @@ class GuardedTaskMixin:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if (self.ordered_control or request.called_directly or request.is_eager
-                or getattr(request, KEY_HEADER, None) is None):
+        if request.called_directly or request.is_eager or getattr(request, KEY_HEADER, None) is None:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        from .guard import run_guarded
+        token = FENCE.set(getattr(request, FENCE_ENTRY, None))
+        try:
+            if self.ordered_control:
+                return super().__call__(*args, **kwargs)  # type: ignore[misc]
+            from .guard import run_guarded
 
-        return run_guarded(self, request, args, kwargs)
+            return run_guarded(self, request, args, kwargs)
+        finally:
+            FENCE.reset(token)
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
               throw: bool = True, eta: datetime | None = None, countdown: float | None = None,

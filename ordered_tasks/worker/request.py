@@ -13,16 +13,15 @@ from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from ..models import ParkedMessage
-from .consumer import current_pool
-from .delivery import CONTENT_ENTRY
+from ..options import PARTITION_HEADER
+from .consumer import current_keeper, current_pool
+from .delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)
 #: Times a message is run again after its pool process died, before it is parked.
 MAX_RERUNS = 2
-#: Request entry marking a message run again after its pool process died.
-RERUN_ENTRY = "ordered_rerun"
 _LOST: dict[str, int] = {}
 
 
@@ -40,8 +39,11 @@ class OrderedRequest(Request):  # type: ignore[misc]
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
-        content = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
-        self._request_dict[CONTENT_ENTRY] = content  # type: ignore[attr-defined]
+        entries = self._request_dict  # type: ignore[attr-defined]
+        entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
+        keeper = current_keeper()
+        if keeper is not None:
+            entries[FENCE_ENTRY] = keeper.fence_of(int(entries.get(PARTITION_HEADER, -1)))
 
     def acknowledge(self) -> None:
         if not self._parking:

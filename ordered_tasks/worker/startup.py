@@ -10,8 +10,9 @@ from celery import Celery, bootsteps
 from ..conf import get_settings
 from ..exceptions import UnsafeWorkerOptionError
 
-#: Celery apps configured by ``ordered_worker`` (see :func:`~ordered_tasks.worker.child.configure`).
-ORDERED_APPS: weakref.WeakSet[Celery] = weakref.WeakSet()
+#: Celery apps configured by ``ordered_worker``, with their partitions
+#: (see :func:`~ordered_tasks.worker.child.configure`).
+ORDERED_APPS: weakref.WeakKeyDictionary[Celery, list[int]] = weakref.WeakKeyDictionary()
 
 
 def consumed_partition_queues(app: Celery) -> list[str]:

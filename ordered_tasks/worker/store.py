@@ -9,8 +9,10 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ParkedMessage
+from ..exceptions import StaleOwnerError
+from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ParkedMessage, PartitionFence
 from .delivery import Delivery
+from .fencing import FENCE
 
 PARKED = ParkedMessage.State.PARKED
 Reason = ParkedMessage.Reason
@@ -23,9 +25,30 @@ def describe(exc: BaseException) -> tuple[str, str]:
 
 
 def locked_state(key: str, partition: int) -> AccountState:
-    """The key's state row, created if needed and locked until the transaction ends."""
+    """The key's state row, created if needed and locked until the transaction ends.
+
+    With a fencing token (Redis leases), the partition's fence is checked
+    first: a stale owner gets :class:`~ordered_tasks.exceptions.StaleOwnerError`.
+    """
+    fence = FENCE.get()
+    if fence is not None:
+        check_fence(partition, fence)
     AccountState.objects.get_or_create(key=key, defaults={"partition": partition})
     return AccountState.objects.select_for_update().get(key=key)
+
+
+def check_fence(partition: int, fence: int) -> None:
+    """Refuse ``fence`` if a newer owner of ``partition`` has written; else record it."""
+    PartitionFence.objects.get_or_create(partition=partition)
+    row = PartitionFence.objects.select_for_update().get(partition=partition)
+    if fence < row.fence:
+        raise StaleOwnerError(
+            f"Partition {partition} has a newer owner (fence {row.fence} > {fence}); "
+            "this worker lost its lease and must not change its keys."
+        )
+    if fence > row.fence:
+        row.fence = fence
+        row.save(update_fields=["fence", "updated_at"])
 
 
 def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:

@@ -1,0 +1,160 @@
+"""Partition leases on Redis: one consumer per partition, fenced, handed over within seconds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from kombu.utils.json import loads
+
+from ..queues import partition_queue
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a lease lives without renewal; a dead owner's partitions move after this.
+LEASE_TTL = 6.0
+#: Seconds between renewals (and attempts to acquire the partitions not held).
+LEASE_TICK = 1.0
+#: The owner stops consuming a partition this long before its lease could lapse.
+LEASE_MARGIN = 2.0
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class LeaseKeeper:
+    """Holds the leases of one worker's partitions; the worker consumes exactly those.
+
+    A thread renews the leases every second (also while a long task runs or
+    the worker drains at shutdown) and acquires free ones; each acquisition
+    increments the partition's fencing token. The consumer applies the
+    result from its event loop: before it consumes a partition it has just
+    acquired, it puts the messages its predecessor left unacknowledged back
+    at the head of the queue, so the message that was running when a worker
+    died runs first.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, partitions: list[int]) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.partitions = list(partitions)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: partition -> fencing token, for every lease held (renewed by the thread).
+        self.leases: dict[int, int] = {}
+        #: Partitions the consumer consumes (changed only from the event loop).
+        self.consuming: set[int] = set()
+        self.valid_until = 0.0
+        self.acquiring = True
+        self._stopped = threading.Event()
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._thread: threading.Thread | None = None
+
+    def lease_key(self, partition: int) -> str:
+        return f"ordered_tasks:lease:{partition_queue(self.prefix, partition).name}"
+
+    def fence_key(self, partition: int) -> str:
+        return f"ordered_tasks:fence:{partition_queue(self.prefix, partition).name}"
+
+    def fence_of(self, partition: int) -> int | None:
+        """The fencing token of ``partition`` while this worker holds it, else None."""
+        return self.leases.get(partition)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self.renew()
+            self._thread = threading.Thread(target=self._run, name="ordered-leases", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(LEASE_TICK):
+            self.renew()
+
+    def renew(self) -> None:
+        """Renew held leases and acquire free ones (thread side)."""
+        started = time.monotonic()
+        ttl_ms = int(LEASE_TTL * 1000)
+        try:
+            for partition in list(self.leases):
+                if not self._renew(keys=[self.lease_key(partition)], args=[self.owner, ttl_ms]):
+                    logger.warning("Lost the lease of partition %d.", partition)
+                    self.leases.pop(partition, None)
+            self.valid_until = started + LEASE_TTL - LEASE_MARGIN
+            for partition in self.partitions:
+                if (self.acquiring and partition not in self.leases
+                        and self.client.set(self.lease_key(partition), self.owner, nx=True, px=ttl_ms)):
+                    self.leases[partition] = int(self.client.incr(self.fence_key(partition)))
+        except redis.RedisError as exc:
+            logger.warning("Could not renew partition leases: %r", exc)
+
+    def apply(self, consumer: Any) -> None:
+        """Consume the partitions held and only those (event-loop side)."""
+        task_consumer = consumer.task_consumer
+        if task_consumer is None:
+            return
+        if time.monotonic() > self.valid_until:
+            held: set[int] = set()
+            if self.consuming:
+                logger.error("Partition leases may lapse: no longer consuming %s.", sorted(self.consuming))
+        else:
+            held = set(self.leases)
+        for partition in sorted(self.consuming - held):
+            self.consuming.discard(partition)
+            task_consumer.cancel_by_queue(partition_queue(self.prefix, partition).name)
+        for partition in sorted(held - self.consuming):
+            queue = partition_queue(self.prefix, partition)
+            restored = restore_to_head(task_consumer.channel, queue.name)
+            if not task_consumer.consuming_from(queue.name):
+                task_consumer.add_queue(queue)
+                task_consumer.consume()
+            self.consuming.add(partition)
+            logger.info("Consuming partition %d (fence %d; %d message(s) put back at its head).",
+                        partition, self.leases.get(partition, 0), restored)
+
+    def stop_acquiring(self) -> None:
+        self.acquiring = False
+
+    def release_all(self) -> None:
+        """Give the leases up, once the last task ran and was acknowledged."""
+        self._stopped.set()
+        for partition in list(self.leases):
+            try:
+                self._release(keys=[self.lease_key(partition)], args=[self.owner])
+            except redis.RedisError as exc:
+                logger.warning("Could not release the lease of partition %d: %r", partition, exc)
+            self.leases.pop(partition, None)
+
+
+def restore_to_head(channel: Any, queue: str) -> int:
+    """Put the unacknowledged messages of ``queue`` back at its head (kombu's Redis transport).
+
+    They belong to a previous owner of the partition that died or stopped:
+    the new owner holds the lease, so nobody else is running them.
+    """
+    client = channel.client
+    restored = 0
+    for tag, payload in client.hgetall(channel.unacked_key).items():
+        try:
+            _message, _exchange, routing_key = loads(payload)
+        except (ValueError, TypeError):
+            continue
+        if routing_key == queue:
+            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag, leftmost=False)
+            restored += 1
+    return restored
