@@ -97,12 +97,22 @@ def purge_all(app: Celery) -> None:
 
 
 def queue_depths(app: Celery) -> dict[str, int]:
-    """Messages waiting in each ordered queue."""
+    """Messages waiting in each ordered queue.
+
+    On Redis this includes the messages a stopped worker left unacknowledged:
+    the partition's next owner puts them back at the head of the queue.
+    """
     depths = {}
     with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        unacked: list[str] = []
+        if conn.transport.driver_type == "redis":
+            from kombu.utils.json import loads
+
+            unacked = [loads(p)[2] for p in channel.client.hgetall(channel.unacked_key).values()]
         for queue in ordered_queues():
-            _, count, _ = queue(conn.default_channel).queue_declare()
-            depths[queue.name] = count
+            _, count, _ = queue(channel).queue_declare()
+            depths[queue.name] = count + unacked.count(queue.name)
     return depths
 
 
@@ -166,7 +176,7 @@ def shared_db(transactional_db: None) -> None:
 
 
 @pytest.fixture
-def start_workers(app: Celery, broker: str) -> Iterator[Any]:
+def start_workers(app: Celery, broker: str, shared_db: None) -> Iterator[Any]:
     started: list[Workers] = []
 
     def start(processes: int = 2, *extra: str, ready: bool = True) -> Workers:

@@ -1,0 +1,92 @@
+"""Crash safety against real brokers: SIGKILL chaos, standby takeover, two launchers at once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.conftest import Workers, wait_done
+from tests.test_workers import assert_in_order, assert_partitions_never_overlap, publish_interleaved
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def worker_processes(workers: Workers) -> list[int]:
+    """Celery worker main processes and their pool processes (not the supervisor)."""
+    mains = workers.child_pids()
+    pool = []
+    for pid in mains:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+        pool.extend(int(p) for p in out.stdout.split())
+    return mains + pool
+
+
+def test_sigkill_chaos_loses_nothing_and_keeps_order(app: Celery, start_workers: Any,
+                                                     results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    rng = random.Random(7)
+    primary = start_workers(2)
+    standby = start_workers(2)
+    keys, per_key = 200, 10
+    total = publish_interleaved(app, run, keys=keys, per_key=per_key, seed=11, slow=0.01)
+    kills = 0
+    deadline = time.monotonic() + 150
+    while int(results.get(f"{run}:done") or 0) < total and kills < 8:
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(rng.uniform(0.5, 2.0))
+        victims = worker_processes(rng.choice([primary, standby]))
+        if victims:
+            try:
+                subprocess.run(["kill", "-KILL", str(rng.choice(victims))], check=False)
+                kills += 1
+            except OSError:
+                pass
+    done = wait_done(results, run, total, timeout=150)
+    assert done >= total, f"only {done} of {total} tasks ran after {kills} kills"
+    assert_in_order(results, run, keys=keys, per_key=per_key, redelivered=kills)
+    assert_partitions_never_overlap(results, run)
+    assert done - total <= kills
+
+
+def test_a_standby_takes_over_when_the_owner_stops_and_never_overlaps(
+        app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    owner = start_workers(1)
+    standby = start_workers(1)
+    total = publish_interleaved(app, run, keys=30, per_key=20, seed=5, slow=0.02)
+    while int(results.get(f"{run}:done") or 0) < total // 4:
+        time.sleep(0.05)
+    owner.process.send_signal(signal.SIGTERM)  # warm shutdown while tasks are running
+    assert wait_done(results, run, total, timeout=90) >= total
+    assert owner.process.wait(60) == 0
+    assert_in_order(results, run, keys=30, per_key=20, redelivered=1)
+    assert_partitions_never_overlap(results, run)
+    pids = {entry.rsplit("|", 1)[1] for entry in results.lrange(f"{run}:spans", 0, -1)}
+    assert len(pids) >= 2, "the standby never ran anything"
+    del standby
+
+
+def test_a_killed_owner_is_replaced_within_seconds(app: Celery, start_workers: Any,
+                                                   results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    owner = start_workers(1)
+    start_workers(1)
+    for main in owner.child_pids():
+        subprocess.run(["kill", "-KILL", str(main)], check=False)
+    owner.process.send_signal(signal.SIGKILL)  # the whole launcher is gone, not restarted
+    # Let Redis see the dead connections first: a message pushed in that instant can be
+    # handed to a dead consumer's BRPOP and lost (see the guarantees page).
+    time.sleep(0.5)
+    started = time.monotonic()
+    total = publish_interleaved(app, run, keys=10, per_key=5, seed=9)
+    assert wait_done(results, run, total, timeout=60) >= total
+    assert time.monotonic() - started < 20, "the standby took too long to take over"
+    assert_in_order(results, run, keys=10, per_key=5)
