@@ -307,3 +307,35 @@ def test_a_redelivered_copy_of_a_completed_or_parked_task_does_not_run_again(
     deliver(app, "strict_step", key, 3, run, task_id="third")
     deliver(app, "strict_step", key, 3, run, task_id="third", redelivered=True)
     assert len(ParkedMessage.objects.filter(key=key)) == 1
+
+
+def test_a_stale_owner_cannot_change_key_states(app: Celery, run: str, results: redis.Redis) -> None:
+    from ordered_tasks.exceptions import StaleOwnerError
+    from ordered_tasks.models import PartitionFence
+    from ordered_tasks.worker import store
+    from ordered_tasks.worker.fencing import FENCE
+
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    token = FENCE.set(5)
+    try:
+        store.activate(key, partition)
+        assert PartitionFence.objects.get(partition=partition).fence == 5
+        FENCE.set(4)
+        with pytest.raises(StaleOwnerError, match="newer owner"):
+            store.block(key, partition, error="late")
+    finally:
+        FENCE.reset(token)
+    fail(results, run, key, 1)
+    task = app.tasks[T + "strict_step"]
+    task.push_request(id="t", ordered_key=key, ordered_partition=partition, retries=0, is_eager=False,
+                      called_directly=False, ordered_fence=3, args=[], kwargs={},
+                      delivery_info={"redelivered": False})
+    try:
+        from celery.exceptions import Ignore
+
+        with pytest.raises(Ignore, match="newer owner"):
+            task(run=run, key=key, seq=1)
+    finally:
+        task.pop_request()
+    assert AccountState.objects.get(key=key).status == "active"

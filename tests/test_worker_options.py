@@ -126,3 +126,23 @@ def test_a_plain_celery_worker_refuses_partition_queues(redis_broker: str) -> No
         cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "not started by 'manage.py ordered_worker'" in done.stderr + done.stdout
+
+
+def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from ordered_tasks import queue_for
+    from ordered_tasks.worker.startup import ORDERED_APPS, RefuseUnsafeConsumers
+
+    app = Celery("refuse-concurrency", set_as_current=False)
+    app.amqp.queues.select_add(queue_for("k"))
+    ORDERED_APPS[app] = [0]
+    app.conf.worker_prefetch_multiplier = 1
+    RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
+    with pytest.raises(UnsafeWorkerOptionError, match="concurrency 4"):
+        RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
+    app.conf.worker_prefetch_multiplier = 4
+    with pytest.raises(UnsafeWorkerOptionError, match="prefetch multiplier 4"):
+        RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
