@@ -93,15 +93,18 @@ def _run_through_restart(app: Celery, broker_url: str, results: redis.Redis, res
             workers.stop()
 
 
+def _run_on(url: str, results: redis.Redis, restart: Any) -> None:
+    app = make_app(url)
+    purge_all(app)
+    try:
+        _run_through_restart(app, url, results, restart)
+    finally:
+        app.close()
+
+
 def test_workers_continue_after_a_redis_restart(results: redis.Redis) -> None:
     with persistent_redis() as (port, restart):
-        url = f"redis://127.0.0.1:{port}/0"
-        app = make_app(url)
-        purge_all(app)
-        try:
-            _run_through_restart(app, url, results, restart)
-        finally:
-            app.close()
+        _run_on(f"redis://127.0.0.1:{port}/0", results, restart)
 
 
 def test_workers_continue_after_a_rabbitmq_restart(results: redis.Redis) -> None:
@@ -115,9 +118,4 @@ def test_workers_continue_after_a_rabbitmq_restart(results: redis.Redis) -> None
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
         _wait_port(5672, up=True, timeout=60)
 
-    app = make_app(url)
-    purge_all(app)
-    try:
-        _run_through_restart(app, url, results, restart)
-    finally:
-        app.close()
+    _run_on(url, results, restart)
