@@ -28,6 +28,11 @@ def pytest_configure(config: pytest.Config) -> None:
     import tests.testapp.tasks  # noqa: F401  (registers the test tasks on every app)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart a shared broker run last: they leave stale pooled connections behind."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_broker") is not None)
+
+
 @pytest.fixture(scope="session")
 def results() -> redis.Redis:
     require(RESULTS_URL, 6379, "Redis (results)")

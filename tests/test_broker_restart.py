@@ -107,6 +107,7 @@ def test_workers_continue_after_a_redis_restart(results: redis.Redis) -> None:
         _run_on(f"redis://127.0.0.1:{port}/0", results, restart)
 
 
+@pytest.mark.restarts_broker
 def test_workers_continue_after_a_rabbitmq_restart(results: redis.Redis) -> None:
     url = BROKERS["rabbitmq"]
     require(url, 5672, "rabbitmq")
