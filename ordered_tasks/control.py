@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject
 
 from .decorators import ordered_task
-from .exceptions import KeyNotBlockedError, StaleOwnerError, UnknownKeyError
+from .exceptions import KeyNotBlockedError, UnknownKeyError
 from .options import CONTROL_TASK
 from .partitioning import canonical_key
 from .task import OrderedTaskMixin
@@ -30,20 +28,11 @@ WAKE = "wake"
 def control(self: Task[Any, Any], key: str, action: str, request_id: int | None = None,
             due: str | None = None) -> str:
     """Apply a replay, skip or retry wake-up to ``key``, on its partition's consumer."""
-    from django.db import DatabaseError
-
     from .worker.actions import apply_control
+    from .worker.guard import requeue_unless_stored
 
-    try:
+    with requeue_unless_stored(f"control message {action} for key {key!r}"):
         return apply_control(self.app, key, action, request_id, due)
-    except StaleOwnerError as exc:
-        logger.warning("Control message %s for key %r not applied: %s", action, key, exc)
-        raise Ignore(str(exc)) from exc
-    except DatabaseError as exc:
-        logger.critical("Control message %s for key %r failed (%r); returning it to its queue.",
-                        action, key, exc)
-        time.sleep(1.0)  # do not spin on a database outage
-        raise Reject(exc, requeue=True) from exc
 
 
 def _app(app: Celery | None) -> Celery:

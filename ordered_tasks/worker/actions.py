@@ -18,12 +18,12 @@ from ..control import REPLAY, SKIP, WAKE, publish_control, publish_wake
 from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ControlRequest, ParkedMessage
 from ..partitioning import partition_of
 from ..queues import partition_queue
-from ..signals import key_blocked, key_resumed
+from ..signals import key_resumed
 from . import store
 from .book import BOOK
 from .delivery import CONTENT_ENTRY, FENCE_ENTRY
 from .fencing import FENCE
-from .guard import REPLAYING, Replaying
+from .guard import REPLAYING, Replaying, announce_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +165,7 @@ def run_parked(app: Celery, row: ParkedMessage) -> str:
 
 def _block(row: ParkedMessage, reason: str, error: str) -> str:
     store.block(row.key, row.partition, row=row, reason=reason, error=error, attempts=row.attempts)
-    BOOK.set(row.key, BLOCKED)
-    key_blocked.send(sender=AccountState, key=row.key, partition=row.partition, task_name=row.task_name,
-                     task_id=row.task_id, exception=error, reason=reason)
+    announce_blocked(row.key, row.partition, row.task_name, row.task_id, error, reason)
     return BLOCKED
 
 

@@ -53,7 +53,7 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
         replaying = None
     ledger = ledger_for(task.app) if replaying is None else None
     if replaying is None:
-        with _requeue_unless_stored(request):
+        with requeue_unless_stored(f"message {request.id}"):
             if _is_redelivery(request) and _handled_before(ledger, request, key, partition):
                 raise Ignore("already handled: a redelivered copy")
             held = BOOK.status(key, partition) != ACTIVE
@@ -73,11 +73,11 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
             replaying.outcome = "ok"
         raise
     except InPlaceRetry as retry:
-        with _requeue_unless_stored(request):
+        with requeue_unless_stored(f"message {request.id}"):
             _retry(task, request, args, kwargs, key, partition, retry, replaying)
         raise
     except Exception as exc:
-        with _requeue_unless_stored(request):
+        with requeue_unless_stored(f"message {request.id}"):
             _fail(task, request, args, kwargs, key, partition, exc, replaying)
         if isinstance(exc, Reject):
             raise Ignore(f"rejected, and parked: {exc}") from exc
@@ -104,15 +104,19 @@ def _handled_before(ledger: Ledger | None, request: Any, key: str, partition: in
 
 
 @contextmanager
-def _requeue_unless_stored(request: Any) -> Iterator[None]:
-    """If the database write fails, hand the message back to the broker instead of losing it."""
+def requeue_unless_stored(what: str) -> Iterator[None]:
+    """If the database write fails, hand the message back to the broker instead of losing it.
+
+    A stale owner (it lost its partition's lease) drops the message instead:
+    the partition's new owner has it.
+    """
     try:
         yield
     except StaleOwnerError as exc:
-        logger.warning("Not changing key state: %s", exc)
+        logger.warning("Not changing key state for %s: %s", what, exc)
         raise Ignore(str(exc)) from exc
     except DatabaseError as exc:
-        logger.critical("Could not park message %s (%r); returning it to its queue.", request.id, exc)
+        logger.critical("Could not store %s (%r); returning it to its queue.", what, exc)
         time.sleep(REQUEUE_PAUSE)  # do not spin on a database outage
         raise Reject(exc, requeue=True) from exc
 
@@ -127,19 +131,16 @@ def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition:
         error, trace = store.describe(retry.exc)
     else:
         error, trace = "retry requested", ""
-    body = None
-    if retry.new_args is not None or retry.new_kwargs is not None:
-        new_args = args if retry.new_args is None else retry.new_args
-        new_kwargs = kwargs if retry.new_kwargs is None else retry.new_kwargs
-        body = Delivery.from_request(task, request, new_args, new_kwargs).body
+    changed = retry.new_args is not None or retry.new_kwargs is not None
+    args = args if retry.new_args is None else retry.new_args
+    kwargs = kwargs if retry.new_kwargs is None else retry.new_kwargs
     if replaying is not None:
+        body = Delivery.from_request(task, request, args, kwargs).body if changed else None
         store.schedule_retry(key, partition, due_at=due_at, row=replaying.row, error=error, trace=trace,
                              attempts=replaying.row.attempts + 1, retries=retries, body=body)
         replaying.outcome = RETRYING
     else:
         delivery = Delivery.from_request(task, request, args, kwargs)
-        if body is not None:
-            delivery.body = body
         store.schedule_retry(key, partition, due_at=due_at, delivery=delivery, error=error,
                              trace=trace, attempts=retries, retries=retries)
     BOOK.set(key, RETRYING)
@@ -148,8 +149,6 @@ def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition:
 
 def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: int,
           exc: BaseException, replaying: Replaying | None) -> None:
-    from ..signals import key_blocked
-
     error, trace = store.describe(exc)
     if replaying is not None:
         where: dict[str, Any] = {"row": replaying.row}
@@ -163,8 +162,16 @@ def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: 
             replaying.outcome = "continued"
         return
     store.block(key, partition, error=error, trace=trace, attempts=attempts, **where)
-    BOOK.set(key, BLOCKED)
     if replaying is not None:
         replaying.outcome = BLOCKED
-    key_blocked.send(sender=AccountState, key=key, partition=partition, task_name=task.name,
-                     task_id=request.id, exception=error, reason=store.Reason.FAILED)
+    announce_blocked(key, partition, task.name, request.id, error, store.Reason.FAILED)
+
+
+def announce_blocked(key: str, partition: int, task_name: str, task_id: str, error: str,
+                     reason: str) -> None:
+    """The key was just blocked in the database: remember it and send ``key_blocked``."""
+    from ..signals import key_blocked
+
+    BOOK.set(key, BLOCKED)
+    key_blocked.send(sender=AccountState, key=key, partition=partition, task_name=task_name,
+                     task_id=task_id, exception=error, reason=reason)

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from kombu.utils.json import loads
 
+from ..partitioning import queue_name
 from ..queues import partition_queue
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,10 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
 
     def lease_key(self, partition: int) -> str:
-        return f"ordered_tasks:lease:{partition_queue(self.prefix, partition).name}"
+        return f"ordered_tasks:lease:{queue_name(self.prefix, partition)}"
 
     def fence_key(self, partition: int) -> str:
-        return f"ordered_tasks:fence:{partition_queue(self.prefix, partition).name}"
+        return f"ordered_tasks:fence:{queue_name(self.prefix, partition)}"
 
     def fence_of(self, partition: int) -> int | None:
         """The fencing token of ``partition`` while this worker holds it, else None."""

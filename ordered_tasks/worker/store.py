@@ -53,18 +53,23 @@ def check_fence(partition: int, fence: int) -> None:
 
 def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
     account.sequence += 1
-    return ParkedMessage.objects.create(
-        key=delivery.key, partition=delivery.partition, position=account.sequence,
-        task_name=delivery.task_name[:255], task_id=delivery.task_id[:255], body=delivery.body,
-        content_type=delivery.content_type, content_encoding=delivery.content_encoding,
-        headers=delivery.headers, **fields,
-    )
+    return ParkedMessage.objects.create(**{
+        "key": delivery.key, "partition": delivery.partition, "position": account.sequence,
+        "task_name": delivery.task_name[:255], "task_id": delivery.task_id[:255], "body": delivery.body,
+        "content_type": delivery.content_type, "content_encoding": delivery.content_encoding,
+        "headers": delivery.headers, **fields,
+    })
 
 
-def _save_row(row: ParkedMessage, **fields: Any) -> None:
-    for name, value in fields.items():
-        setattr(row, name, value)
-    row.save()
+def _put(account: AccountState, row: ParkedMessage | None, delivery: Delivery | None,
+         **fields: Any) -> None:
+    """Update the parked ``row`` with ``fields``, or park ``delivery`` as a new row with them."""
+    if row is not None:
+        for name, value in fields.items():
+            setattr(row, name, value)
+        row.save()
+    elif delivery is not None:
+        _add_row(account, delivery, **fields)
 
 
 def park_held(delivery: Delivery) -> None:
@@ -87,12 +92,8 @@ def block(key: str, partition: int, *, delivery: Delivery | None = None, row: Pa
     now = timezone.now()
     with transaction.atomic():
         state = locked_state(key, partition)
-        fields = {"reason": reason, "state": PARKED, "exception": error, "traceback": trace,
-                  "attempts": attempts, "due_at": None}
-        if row is not None:
-            _save_row(row, **fields)
-        elif delivery is not None:
-            _add_row(state, delivery, **fields)
+        _put(state, row, delivery, reason=reason, state=PARKED, exception=error, traceback=trace,
+             attempts=attempts, due_at=None)
         _note_failure(state, error, now)
         if state.status != BLOCKED:
             state.epoch += 1
@@ -112,15 +113,12 @@ def schedule_retry(key: str, partition: int, *, due_at: datetime, delivery: Deli
         state = locked_state(key, partition)
         fields: dict[str, Any] = {"reason": Reason.RETRYING, "state": PARKED, "exception": error,
                                   "traceback": trace, "attempts": attempts, "due_at": due_at}
-        if row is None and delivery is not None:
-            row = _add_row(state, delivery, **fields)
-        elif row is not None:
-            _save_row(row, **fields)
-        if row is not None:
-            row.headers = {**row.headers, "retries": retries}
-            if body is not None:
-                row.body = body
-            row.save(update_fields=["headers", "body", "updated_at"])
+        source = row if row is not None else delivery
+        if source is not None:
+            fields["headers"] = {**source.headers, "retries": retries}
+        if body is not None:
+            fields["body"] = body
+        _put(state, row, delivery, **fields)
         _note_failure(state, error, timezone.now())
         if state.status == ACTIVE:
             state.epoch += 1
@@ -136,12 +134,8 @@ def record_failure(key: str, partition: int, *, delivery: Delivery | None = None
     """Keep a failed message as a record and let its key go on (policy ``continue``)."""
     with transaction.atomic():
         state = locked_state(key, partition)
-        fields = {"reason": Reason.FAILED, "state": ParkedMessage.State.FAILED, "exception": error,
-                  "traceback": trace, "attempts": attempts, "due_at": None}
-        if row is not None:
-            _save_row(row, **fields)
-        elif delivery is not None:
-            _add_row(state, delivery, **fields)
+        _put(state, row, delivery, reason=Reason.FAILED, state=ParkedMessage.State.FAILED,
+             exception=error, traceback=trace, attempts=attempts, due_at=None)
         _note_failure(state, error, timezone.now())
         state.save()
 

@@ -7,11 +7,11 @@ import logging
 from typing import Any, Callable
 
 from ..conf import get_settings
-from ..models import ACTIVE, BLOCKED, AccountState, ParkedMessage
-from ..signals import key_blocked
+from ..models import ACTIVE, BLOCKED, ParkedMessage
 from . import store
 from .book import BOOK
 from .delivery import Delivery
+from .guard import announce_blocked
 
 logger = logging.getLogger(__name__)
 Reason = ParkedMessage.Reason
@@ -64,9 +64,9 @@ def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
         return store.record_revoked(delivery, error).status
     was = BOOK.status(delivery.key, delivery.partition)
     state = store.park_unrunnable(delivery, reason, error)
-    BOOK.set(delivery.key, state.status)
     if was == ACTIVE and state.status == BLOCKED:
-        key_blocked.send(sender=AccountState, key=delivery.key, partition=delivery.partition,
-                         task_name=delivery.task_name, task_id=delivery.task_id, exception=error,
-                         reason=reason)
+        announce_blocked(delivery.key, delivery.partition, delivery.task_name, delivery.task_id, error,
+                         reason)
+    else:
+        BOOK.set(delivery.key, state.status)
     return state.status
