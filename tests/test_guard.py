@@ -339,3 +339,12 @@ def test_a_stale_owner_cannot_change_key_states(app: Celery, run: str, results: 
     finally:
         task.pop_request()
     assert AccountState.objects.get(key=key).status == "active"
+
+
+def test_retry_with_new_arguments_runs_the_new_ones_in_place(app: Celery, run: str,
+                                                              results: redis.Redis) -> None:
+    key = same_partition_keys(1)[0]
+    assert deliver(app, "rewriting_step", key, 1, run).state == "RETRY"  # live: a new parked row
+    assert wake(app, key, partition_for(key)) == "retrying"  # replayed row retries again, rewritten
+    assert wake(app, key, partition_for(key)) == "active"
+    assert ran(results, run, key) == [201]

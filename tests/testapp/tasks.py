@@ -141,3 +141,11 @@ def dies_once_step(run: str, key: Any, seq: int) -> None:
     if recorder().incr(f"{run}:attempts:{key}:{seq}") == 1:
         os.kill(os.getpid(), 9)
     record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", bind=True, ignore_result=True)
+def rewriting_step(self: Any, run: str, key: Any, seq: int) -> None:
+    """Retries twice with new arguments (``seq`` + 100 each time), as ``self.retry(kwargs=...)`` allows."""
+    if self.request.retries < 2:
+        raise self.retry(kwargs={"run": run, "key": key, "seq": seq + 100}, countdown=0)
+    record(run, key, seq, 0.0)
