@@ -1,9 +1,10 @@
-"""The last message each partition completed, kept in Redis to recognise redelivered copies."""
+"""The messages each partition completed recently, kept in Redis to recognise redelivered copies."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 import redis
@@ -13,13 +14,17 @@ from ..partitioning import queue_name
 
 logger = logging.getLogger(__name__)
 
+#: How many completed task ids each partition remembers.
+LEDGER_SIZE = 1000
+
 
 class Ledger:
-    """Per partition, the id of the last task that completed on its consumer.
+    """Per partition, the ids of the last :data:`LEDGER_SIZE` tasks completed on its consumer.
 
-    A partition runs one message at a time, so a redelivered message (its
-    worker died before acknowledging it) is the partition's last completed
-    task exactly when it already ran to the end.
+    Usually a redelivered copy of a completed task is the partition's very
+    last one (its worker died before acknowledging it), but an
+    acknowledgement lost with a broker connection can bring a copy back
+    some messages later; a sorted set by completion time covers both.
     """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
@@ -27,25 +32,26 @@ class Ledger:
         self.prefix = prefix
 
     def _key(self, partition: int) -> str:
-        return f"ordered_tasks:done:{queue_name(self.prefix, partition)}"
+        return f"ordered_tasks:completed:{queue_name(self.prefix, partition)}"
 
     def record(self, partition: int, task_id: str) -> None:
-        """Note that ``task_id`` completed (best effort: a failure is logged)."""
+        """Note that ``task_id`` completed (one round trip; a failure is logged)."""
+        key = self._key(partition)
         try:
-            self.client.set(self._key(partition), task_id)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(key, {task_id: time.time()})
+            pipe.zremrangebyrank(key, 0, -LEDGER_SIZE - 1)
+            pipe.execute()
         except redis.RedisError as exc:
             logger.warning("Could not record completion of %s: %r", task_id, exc)
 
     def completed(self, partition: int, task_id: str) -> bool:
-        """Whether ``task_id`` was the last task to complete in ``partition``."""
+        """Whether ``task_id`` is among the tasks ``partition`` completed recently."""
         try:
-            last = self.client.get(self._key(partition))
+            return self.client.zscore(self._key(partition), task_id) is not None
         except redis.RedisError as exc:
             logger.warning("Could not read the completion ledger: %r", exc)
             return False
-        if isinstance(last, bytes):
-            last = last.decode()
-        return last == task_id
 
 
 @functools.lru_cache(maxsize=4)
