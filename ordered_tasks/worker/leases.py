@@ -97,10 +97,13 @@ class LeaseKeeper:
                     logger.warning("Lost the lease of partition %d.", partition)
                     self.leases.pop(partition, None)
             self.valid_until = started + LEASE_TTL - LEASE_MARGIN
+            acquired = {}
             for partition in self.partitions:
                 if (self.acquiring and partition not in self.leases
                         and self.client.set(self.lease_key(partition), self.owner, nx=True, px=ttl_ms)):
-                    self.leases[partition] = int(self.client.incr(self.fence_key(partition)))
+                    acquired[partition] = int(self.client.incr(self.fence_key(partition)))
+            # One update, so that the event loop sees every lease of this round at once.
+            self.leases = {**self.leases, **acquired}
         except redis.RedisError as exc:
             logger.warning("Could not renew partition leases: %r", exc)
 
@@ -120,13 +123,17 @@ class LeaseKeeper:
             task_consumer.cancel_by_queue(partition_queue(self.prefix, partition).name)
         for partition in sorted(held - self.consuming):
             queue = partition_queue(self.prefix, partition)
+            fence = self.leases.get(partition, 0)
+            # A predecessor's unacknowledged messages, or after a reconnect this worker's own:
+            # delivered but not run, or run but with the acknowledgement lost with the
+            # connection. The completion ledger recognises the ones that already ran.
             restored = restore_to_head(task_consumer.channel, queue.name)
             if not task_consumer.consuming_from(queue.name):
                 task_consumer.add_queue(queue)
                 task_consumer.consume()
             self.consuming.add(partition)
             logger.info("Consuming partition %d (fence %d; %d message(s) put back at its head).",
-                        partition, self.leases.get(partition, 0), restored)
+                        partition, fence, restored)
 
     def stop_acquiring(self) -> None:
         self.acquiring = False
@@ -146,16 +153,20 @@ def restore_to_head(channel: Any, queue: str) -> int:
     """Put the unacknowledged messages of ``queue`` back at its head (kombu's Redis transport).
 
     They belong to a previous owner of the partition that died or stopped:
-    the new owner holds the lease, so nobody else is running them.
+    the new owner holds the lease, so nobody else is running them. The
+    commands go through a pooled connection: ``channel.client`` is the one
+    connection kombu keeps its ``BRPOP`` in flight on, and a command sent
+    there would read the ``BRPOP`` reply (a message) instead of its own.
     """
-    client = channel.client
     restored = 0
-    for tag, payload in client.hgetall(channel.unacked_key).items():
-        try:
-            _message, _exchange, routing_key = loads(payload)
-        except (ValueError, TypeError):
-            continue
-        if routing_key == queue:
-            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag, leftmost=False)
-            restored += 1
+    with channel.conn_or_acquire() as client:
+        for tag, payload in client.hgetall(channel.unacked_key).items():
+            try:
+                _message, _exchange, routing_key = loads(payload)
+            except (ValueError, TypeError):
+                continue
+            if routing_key == queue:
+                tag = tag.decode() if isinstance(tag, bytes) else tag
+                channel.qos.restore_by_tag(tag, client=client, leftmost=False)
+                restored += 1
     return restored
