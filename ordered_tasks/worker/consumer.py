@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
+from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
@@ -15,10 +17,13 @@ from celery.worker.consumer.tasks import Tasks
 from ..conf import get_settings
 from ..models import ParkedMessage
 from ..queues import partition_queue
+from .fetch import fetch_reliably
 from .leases import LEASE_TICK, LeaseKeeper
+from .requeue import requeue_at_head
 from .startup import ORDERED_APPS
 from .unrunnable import hand_over
 
+logger = logging.getLogger(__name__)
 Reason = ParkedMessage.Reason
 _current: weakref.ref[OrderedConsumer] | None = None
 
@@ -56,6 +61,30 @@ def _stop_tasks_step(step: Tasks, c: Any) -> None:
     Tasks.stop(step, c)
 
 
+def settle_safely(message: Any) -> None:
+    """Make acknowledging or rejecting ``message`` after its channel closed a warning, not a crash.
+
+    Celery acknowledges through a callback that can run after the broker
+    connection was lost and the channel closed; kombu's Redis transport then
+    raises ``AttributeError``, which stops the worker. The message stays
+    unacknowledged: the next owner of the partition, or this worker after it
+    reconnects, puts it back at the head, and the completion ledger
+    recognises it if it already ran.
+    """
+    def guard(settle: Callable[..., Any], what: str) -> Callable[..., Any]:
+        def call(log: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(message.channel, "connection", None) is None:
+                logger.warning("Could not %s message %s: its broker connection closed; it stays "
+                               "unacknowledged and comes back at the head of its queue.",
+                               what, message.headers.get("id", message.delivery_tag))
+                return None
+            return settle(log, *args, **kwargs)
+        return call
+
+    message.ack_log_error = guard(message.ack_log_error, "acknowledge")
+    message.reject_log_error = guard(message.reject_log_error, "reject")
+
+
 class OrderedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer for partition queues.
 
@@ -80,6 +109,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
                 # Shutting down: left unacknowledged, RabbitMQ gives it back in its
                 # place to the next consumer when this connection closes.
                 return None
+            settle_safely(message)
             return handle(message)
 
         return on_task_received
@@ -108,7 +138,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
     as a standby; it takes a partition over within seconds of its owner
     stopping or dying. Kombu's restore of unacknowledged messages at
     shutdown (to the back of the queue) is turned off: the next owner puts
-    them back at the head instead.
+    them back at the head instead; any other requeue also goes to the head.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -116,6 +146,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self.tref: Any = None
+        self.wake: Any = None
 
     def start(self, c: Any) -> None:
         global _keeper
@@ -127,7 +158,8 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
             url = conf.coordination_url(c.app.conf.broker_url) or c.app.conf.broker_url
             keeper = _keeper = LeaseKeeper(redis.Redis.from_url(url), conf.queue_prefix, partitions)
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
-        c.task_consumer.channel.qos.restore_at_shutdown = False
+        requeue_at_head(c)
+        self.wake = fetch_reliably(c.task_consumer.channel, c.timer)
         for partition in partitions:  # nothing until the leases say so, also after a reconnect
             c.task_consumer.cancel_by_queue(partition_queue(conf.queue_prefix, partition).name)
         _keeper.consuming.clear()
@@ -139,6 +171,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, c: Any) -> None:
         if _keeper is not None:
             _keeper.stop_acquiring()
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+        for tref in (self.tref, self.wake):
+            if tref is not None:
+                tref.cancel()
+        self.tref = self.wake = None

@@ -1,0 +1,89 @@
+"""Reliable fetch on Redis: a message leaves its queue only together with its unacknowledged record."""
+
+from __future__ import annotations
+
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+#: Kombu's reading of the reply, which is the same for the script as for ``BRPOP``.
+_Channel: Any = kombu_redis.Channel
+_read_reply: Any = _Channel._brpop_read
+
+#: Seconds an ordered worker waits before fetching again after finding its queues empty.
+IDLE_WAIT = 0.02
+
+#: Pop the first message of the first non-empty queue and record it as unacknowledged,
+#: in one step. KEYS: the queues, then kombu's unacked hash and unacked index.
+_FETCH = """
+local count = #KEYS - 2
+for i = 1, count do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local props = cjson.decode(item)['properties']
+    local info = props['delivery_info']
+    local record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ','
+                   .. cjson.encode(info['routing_key']) .. ']'
+    redis.call('HSET', KEYS[count + 1], props['delivery_tag'], record)
+    redis.call('ZADD', KEYS[count + 2], ARGV[1], props['delivery_tag'])
+    return {KEYS[i], item}
+  end
+end
+return false
+"""
+
+
+class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
+    """Kombu's Redis channel, fetching with one atomic script instead of ``BRPOP``.
+
+    With ``BRPOP`` a message exists only in the reply while it travels to
+    the worker: if the worker dies or Redis restarts in that instant, it is
+    lost (kombu issue 1733). The script moves it into kombu's unacknowledged
+    hash in the same step, so a lost reply leaves it there, and the next
+    owner of the partition (or this worker after it reconnects) puts it back
+    at the head. The script does not block: after an empty fetch the channel
+    waits :data:`IDLE_WAIT` seconds before the next one.
+    """
+
+    _idle_until = 0.0
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if monotonic() < self._idle_until:
+            return
+        channel: Any = self  # kombu is untyped
+        queues = channel._queue_cycle.consume(len(channel.active_queues))
+        if not queues:
+            return
+        prefix = channel.global_keyprefix or ""
+        keys = [prefix + channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues]
+        keys += [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
+        channel._in_poll = channel.client.connection
+        channel._brpop_sent_at = monotonic()
+        channel.client.connection.send_command("EVAL", _FETCH, len(keys), *keys, time())
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return _read_reply(self, **options)
+        except Empty:
+            self._idle_until = monotonic() + IDLE_WAIT
+            raise
+
+
+def fetch_reliably(channel: Any, timer: Any) -> Any:
+    """Switch a worker's task channel to the reliable fetch.
+
+    Returns the timer entry that wakes the event loop while the channel
+    waits after an empty fetch (cancel it when the consumer stops), or None
+    when the channel is not kombu's plain Redis channel (Sentinel, say),
+    which keeps ``BRPOP``.
+    """
+    if type(channel) is not kombu_redis.Channel:
+        return None
+    channel.__class__ = ReliableChannel
+    return timer.call_repeatedly(IDLE_WAIT, _wake, priority=10)
+
+
+def _wake() -> None:
+    """Nothing to do: the event loop polls the channels again after every timer."""

@@ -1,0 +1,214 @@
+"""Partition leases, restores and requeues at the head, on a real Redis without worker processes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from queue import Empty
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Queue
+
+from ordered_tasks.worker.leases import LeaseKeeper, restore_to_head
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(redis_broker: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_broker)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(client: redis.Redis) -> Iterator[str]:
+    prefix = f"lease-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    for key in client.keys(f"ordered_tasks:*:{prefix}.*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def channel(redis_broker: str) -> Iterator[Any]:
+    with Connection(redis_broker) as connection:
+        channel = connection.channel()
+        yield channel
+        channel.close()
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, "direct"), routing_key=name)
+
+
+def _publish(channel: Any, queue: Queue, *bodies: str) -> None:
+    producer = channel.connection.client.Producer(channel)
+    for body in bodies:
+        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                         serializer="json")
+
+
+def _take(channel: Any, queue: Queue, count: int) -> list[Any]:
+    """Take ``count`` messages without acknowledging them, as a consumer that then died."""
+    messages = [channel.basic_get(queue.name, no_ack=False) for _ in range(count)]
+    assert all(messages)
+    return messages
+
+
+def _unacked(channel: Any, queue: Queue) -> list[str]:
+    """The unacknowledged messages of ``queue`` (the hash is shared by every queue)."""
+    raw = redis.Redis(connection_pool=channel.pool)
+    return [json.loads(record)[0]["body"] for record in raw.hgetall(channel.unacked_key).values()
+            if json.loads(record)[2] == queue.name]
+
+
+def test_leases_go_to_one_keeper_and_move_with_a_higher_fence(client: redis.Redis, prefix: str) -> None:
+    owner = LeaseKeeper(client, prefix, [0, 1, 2])
+    standby = LeaseKeeper(client, prefix, [0, 1, 2])
+    owner.renew()
+    standby.renew()
+    assert sorted(owner.leases) == [0, 1, 2] and standby.leases == {}
+    fences = dict(owner.leases)
+    owner.release_all()
+    standby.renew()
+    assert sorted(standby.leases) == [0, 1, 2]
+    assert all(standby.leases[p] > fences[p] for p in fences)
+    owner.renew()  # a stopped keeper never takes a lease back
+    assert owner.leases == {}
+    standby.release_all()
+
+
+def test_restore_puts_a_dead_consumers_messages_back_at_the_head(channel: Any) -> None:
+    mine, other = _queue(f"q-{uuid.uuid4().hex[:8]}"), _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, mine, "1", "2", "3")
+    _publish(channel, other, "x")
+    _take(channel, mine, 1)
+    _take(channel, other, 1)
+    dead = channel.connection.client.channel()  # the next owner's channel, not the one that delivered
+    assert restore_to_head(dead, mine.name) == 1
+    bodies = [channel.basic_get(mine.name, no_ack=True).payload for _ in range(3)]
+    assert bodies == ["1", "2", "3"]
+    assert channel.basic_get(other.name) is None  # another partition's message is left alone
+    channel.qos.restore_unacked()
+    channel.queue_purge(other.name)
+    dead.close()
+
+
+def test_restore_does_not_swallow_a_message_the_consumer_is_waiting_for(channel: Any) -> None:
+    """The restore must not use the connection kombu keeps its BRPOP in flight on."""
+    waiting, restored = _queue(f"q-{uuid.uuid4().hex[:8]}"), _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, restored, "r")
+    _take(channel, restored, 1)
+    received: list[str] = []
+    consumer = Consumer(channel, [waiting], callbacks=[lambda body, message: received.append(body)],
+                        accept=["json"])
+    consumer.consume()
+    cycle = channel.connection.cycle
+    cycle.on_poll_start()  # sends BRPOP on channel.client's connection, as the event loop does
+    assert channel._in_poll
+    _publish(channel, waiting, "w")  # BRPOP pops it: its reply now waits on that connection
+    assert restore_to_head(channel, restored.name) == 1
+    channel.connection.client.drain_events(timeout=5)
+    assert received == ["w"]
+    assert channel.basic_get(restored.name, no_ack=True).payload == "r"
+    consumer.cancel()
+
+
+
+def test_an_acknowledgement_after_the_channel_closed_leaves_the_message_unacknowledged(
+        channel: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kombu.exceptions import OperationalError
+
+    from ordered_tasks.worker.consumer import settle_safely
+
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, "1")
+    other = channel.connection.client.channel()
+    other.qos.restore_at_shutdown = False  # as in ordered workers
+    [message] = _take(other, queue, 1)
+    settle_safely(message)
+    other.close()  # the broker connection was lost; Celery acknowledges afterwards
+    errors = (OperationalError,)
+    message.ack_log_error(logging.getLogger("test"), errors)
+    message.reject_log_error(logging.getLogger("test"), errors, requeue=False)
+    assert "its broker connection closed" in caplog.text
+    assert restore_to_head(channel, queue.name) == 1  # still there for the next owner
+    assert channel.basic_get(queue.name, no_ack=True).payload == "1"
+
+
+def test_a_requeued_message_goes_back_to_the_head(channel: Any) -> None:
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.requeue import requeue_at_head
+
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, "1", "2", "3")
+    consumer = Consumer(channel, [queue], accept=["json"])
+    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
+    [message] = _take(channel, queue, 1)
+    message.reject(requeue=True)  # Celery's Reject(requeue=True), for one
+    assert channel.basic_get(queue.name, no_ack=True).payload == "1"
+    assert _unacked(channel, queue) == []
+    channel.queue_purge(queue.name)
+
+
+def test_a_message_popped_for_a_cancelled_consumer_goes_back_to_the_head(channel: Any) -> None:
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.requeue import requeue_at_head
+
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: None])
+    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
+    consumer.consume()
+    channel.connection.cycle.on_poll_start()  # BRPOP in flight, as in the event loop
+    _publish(channel, queue, "1", "2")  # BRPOP pops "1"
+    consumer.cancel()  # lease lost or shutting down, before the reply is read
+    channel._brpop_read()  # kombu reads it anyway (also at channel close)
+    assert [channel.basic_get(queue.name, no_ack=True).payload for _ in range(2)] == ["1", "2"]
+
+
+def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel: Any) -> None:
+    from ordered_tasks.worker.fetch import ReliableChannel
+
+    channel.__class__ = ReliableChannel
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, "1", "2")
+    received: list[str] = []
+    consumer = Consumer(channel, [queue], accept=["json"],
+                        callbacks=[lambda body, message: (received.append(body), message.ack())])
+    consumer.consume()
+    channel.connection.client.drain_events(timeout=5)  # an ordinary delivery and acknowledgement
+    assert received == ["1"] and _unacked(channel, queue) == []
+    channel.connection.cycle.on_poll_start()  # fetches "2"; now the worker or Redis dies
+    assert channel._in_poll
+    assert channel._size(queue.name) == 0 and len(_unacked(channel, queue)) == 1
+    channel.client.connection.disconnect()  # the reply is lost with the connection
+    consumer.cancel()
+    assert restore_to_head(channel, queue.name) == 1  # so the next owner runs it first
+    assert channel.basic_get(queue.name, no_ack=True).payload == "2"
+
+
+def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -> None:
+    import time
+
+    from ordered_tasks.worker.fetch import IDLE_WAIT, ReliableChannel
+
+    channel.__class__ = ReliableChannel
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: None])
+    consumer.consume()
+    channel.connection.cycle.on_poll_start()
+    with pytest.raises(Empty):  # nothing to fetch
+        channel._brpop_read()
+    channel._brpop_start()
+    assert not channel._in_poll  # nothing sent while waiting
+    time.sleep(IDLE_WAIT)
+    channel._brpop_start()
+    assert channel._in_poll
+    consumer.cancel()
