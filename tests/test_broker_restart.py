@@ -102,9 +102,6 @@ def _run_on(url: str, results: redis.Redis, restart: Any) -> None:
         app.close()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug: after a Redis broker restart, the message that was running can run once more "
-    "later, after later messages of its key (seen once in CI); under investigation"))
 def test_workers_continue_after_a_redis_restart(results: redis.Redis) -> None:
     with persistent_redis() as (port, restart):
         _run_on(f"redis://127.0.0.1:{port}/0", results, restart)
