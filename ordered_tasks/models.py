@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from django.db import models
+from django.utils import timezone
 
 from .partitioning import MAX_KEY_LENGTH
 
@@ -39,6 +43,9 @@ class AccountState(models.Model):
     last_error = models.TextField(blank=True)
     last_error_at = models.DateTimeField(null=True, blank=True)
     blocked_at = models.DateTimeField(null=True, blank=True)
+    last_activity = models.DateTimeField(
+        null=True, blank=True, db_index=True,
+        help_text="Last task of the key that ended, or last change of its state (written in batches).")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -49,6 +56,14 @@ class AccountState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.status})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Every write of a key's state is activity too."""
+        self.last_activity = timezone.now()
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None:
+            kwargs["update_fields"] = {*update_fields, "last_activity"}
+        super().save(*args, **kwargs)
 
 
 class ParkedMessage(models.Model):
@@ -100,6 +115,17 @@ class ParkedMessage(models.Model):
     def __str__(self) -> str:
         return f"{self.key} #{self.position} {self.task_name} ({self.state})"
 
+    def arguments(self) -> tuple[Any, Any] | None:
+        """The task's ``(args, kwargs)``, or None when the body is not JSON (never unpickled here)."""
+        if self.content_type != "application/json":
+            return None
+        try:
+            body = json.loads(bytes(self.body).decode(self.content_encoding or "utf-8"))
+            args, kwargs = body[0], body[1]
+        except (ValueError, TypeError, IndexError, KeyError, LookupError):
+            return None
+        return args, kwargs
+
 
 class ControlRequest(models.Model):
     """Who asked to replay or skip a key, when, and what the consumer did about it."""
@@ -138,3 +164,29 @@ class PartitionFence(models.Model):
 
     def __str__(self) -> str:
         return f"partition {self.partition}: fence {self.fence}"
+
+
+class PartitionStatus(models.Model):
+    """What the consumer of one partition last reported (written in batches, every few seconds)."""
+
+    partition = models.PositiveIntegerField(primary_key=True)
+    worker = models.CharField(max_length=255, blank=True, help_text="Node name of the active consumer.")
+    consumer_since = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    running_task = models.CharField(max_length=255, blank=True)
+    running_task_id = models.CharField(max_length=255, blank=True)
+    running_key = models.CharField(max_length=MAX_KEY_LENGTH, blank=True)
+    running_since = models.DateTimeField(null=True, blank=True)
+    completed = models.PositiveBigIntegerField(default=0, help_text="Tasks ended by this consumer.")
+    failed = models.PositiveBigIntegerField(default=0, help_text="Of which failed.")
+    per_minute = models.FloatField(default=0.0, help_text="Tasks ended per minute, over the last minute.")
+    last_wait = models.FloatField(
+        null=True, blank=True, help_text="Seconds the last task started waited in the queue.")
+
+    class Meta:
+        ordering = ("partition",)
+        verbose_name = "partition"
+        verbose_name_plural = "partitions"
+
+    def __str__(self) -> str:
+        return f"partition {self.partition}"

@@ -10,6 +10,8 @@ from .exceptions import UnsafeOptionError
 KEY_HEADER = "ordered_key"
 #: Message header carrying the partition number.
 PARTITION_HEADER = "ordered_partition"
+#: Message header carrying the publish time (seconds since the epoch), for queue waits.
+PUBLISHED_HEADER = "ordered_published_at"
 #: Name of the task that carries replay, skip and retry wake-up messages.
 CONTROL_TASK = "ordered_tasks.control"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from celery import Celery
@@ -9,7 +10,7 @@ from kombu import Queue
 
 from .conf import get_settings
 from .exceptions import UnsafeOptionError
-from .options import CONTROL_TASK, KEY_HEADER, PARTITION_HEADER
+from .options import CONTROL_TASK, KEY_HEADER, PARTITION_HEADER, PUBLISHED_HEADER
 from .partitioning import partition_of
 from .routing import key_spec_for
 
@@ -67,4 +68,5 @@ class PublishGuard:
                 f"{name} with key {key!r} belongs to partition {expected}, not to the "
                 f"queue {qname}. Do not choose the queue of an ordered task yourself."
             )
-        return {**(headers or {}), KEY_HEADER: key, PARTITION_HEADER: partition}
+        return {**(headers or {}), KEY_HEADER: key, PARTITION_HEADER: partition,
+                PUBLISHED_HEADER: round(time.time(), 3)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from celery import Celery, signals
 
@@ -49,7 +49,13 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
 
         recover_retries(app, partitions)
 
+    def report(sender: Any = None, **_: object) -> None:
+        from .figures import start_reporting
+
+        start_reporting(getattr(sender, "hostname", "") or "")
+
     signals.worker_ready.connect(recover, weak=False)
+    signals.worker_ready.connect(report, weak=False)
     # A pool process must not outlive its worker: it would run on unsupervised.
     signals.worker_process_init.connect(lambda **_: die_with_parent(signal.SIGKILL), weak=False)
     return [q.name for q in queues]

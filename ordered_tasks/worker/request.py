@@ -7,7 +7,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.worker import state
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
@@ -16,6 +16,7 @@ from ..models import ParkedMessage
 from ..options import PARTITION_HEADER
 from .consumer import current_keeper, current_pool
 from .delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY
+from .figures import FIGURES
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
@@ -47,10 +48,18 @@ class OrderedRequest(Request):  # type: ignore[misc]
 
     def acknowledge(self) -> None:
         if not self._parking:
+            if not self.acknowledged:
+                FIGURES.ended(self)
             super().acknowledge()
+
+    def on_accepted(self, pid: Any, time_accepted: float) -> None:
+        FIGURES.started(self)
+        super().on_accepted(pid, time_accepted)
 
     def reject(self, requeue: bool = False) -> None:
         if not self._parking:
+            if not self.acknowledged:
+                FIGURES.ended(self)
             super().reject(requeue)
 
     def _park(self, reason: str, error: str) -> bool:
@@ -103,6 +112,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
+        if not isinstance(exc, Ignore):  # parked behind a held key, or a redelivered copy
+            FIGURES.failed(self)
         if isinstance(exc, (DecodeError, ContentDisallowed)):
             if self._park(Reason.UNDECODABLE, repr(exc)):
                 state.task_ready(self)
