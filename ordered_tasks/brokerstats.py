@@ -1,0 +1,87 @@
+"""Queue depth and the age of the oldest waiting message of each partition, asked of the broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kombu import Connection
+
+from .options import PUBLISHED_HEADER
+from .partitioning import queue_name
+
+#: Seconds to wait for the broker before the page says it cannot be reached.
+BROKER_TIMEOUT = 2.0
+
+
+@dataclass
+class QueueFigures:
+    """What the broker says about one partition queue."""
+
+    depth: int | None = None
+    #: Seconds the message at the head has waited (Redis only: RabbitMQ cannot peek).
+    oldest_age: float | None = None
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not answer; the message says why."""
+
+
+def queue_figures(broker_url: str, prefix: str, partitions: int) -> dict[int, QueueFigures]:
+    """Depth (and on Redis the head's age) of every partition queue, in one connection."""
+    names = {p: queue_name(prefix, p) for p in range(partitions)}
+    try:
+        if broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return _redis(broker_url, names)
+        return _amqp(broker_url, names)
+    except BrokerUnavailable:
+        raise
+    except Exception as exc:
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _redis(url: str, names: dict[int, str]) -> dict[int, QueueFigures]:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=BROKER_TIMEOUT, socket_connect_timeout=BROKER_TIMEOUT)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in names.values():
+            pipe.llen(name)
+            pipe.lindex(name, -1)  # kombu pops from this end: the head
+        replies = pipe.execute()
+    finally:
+        client.close()
+    now = time.time()
+    figures = {}
+    for index, partition in enumerate(names):
+        depth, head = replies[2 * index], replies[2 * index + 1]
+        figures[partition] = QueueFigures(int(depth), _age(head, now))
+    return figures
+
+
+def _age(raw: Any, now: float) -> float | None:
+    if not raw:
+        return None
+    try:
+        published = json.loads(raw)["headers"].get(PUBLISHED_HEADER)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return max(0.0, now - published) if isinstance(published, (int, float)) else None
+
+
+def _amqp(url: str, names: dict[int, str]) -> dict[int, QueueFigures]:
+    figures = {}
+    with Connection(url, connect_timeout=BROKER_TIMEOUT, transport_options={"max_retries": 0}) as conn:
+        conn.ensure_connection(max_retries=1, timeout=int(BROKER_TIMEOUT))
+        channel: Any = conn.channel()
+        for partition, name in names.items():
+            try:
+                _, depth, _ = channel.queue_declare(queue=name, passive=True)
+            except conn.channel_errors:  # not declared yet: no worker or producer used it
+                channel = conn.channel()
+                depth = 0
+            figures[partition] = QueueFigures(int(depth), None)
+    return figures
