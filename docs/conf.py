@@ -44,3 +44,4 @@ autodoc_typehints = "signature"
 
 html_theme = "alabaster"
 html_title = f"ordered_tasks {release}"
+html_static_path = ["_static"]
