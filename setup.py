@@ -32,6 +32,7 @@ setup(
             "selenium>=4.20",
         ],
         "demo": ["django-celery-results>=2.5"],
+        "bench": ["psycopg[binary]>=3.1", "matplotlib>=3.7"],
         "lint": ["ruff>=0.6", "mypy>=1.10", "django-stubs>=5.0", "celery-types>=0.22"],
         "docs": ["sphinx>=7"],
     },

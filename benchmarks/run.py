@@ -1,0 +1,368 @@
+"""Benchmarks: plain Celery, safe plain workers, a lock per key and ordered_tasks, side by side.
+
+Run from the repository root (Redis, RabbitMQ and PostgreSQL on localhost)::
+
+    pip install -e ".[bench]"
+    python benchmarks/run.py                 # both brokers, 1, 2 and 4 processes
+    python benchmarks/run.py --quick         # Redis only, 2 processes, fewer tasks
+
+It prints a table, writes ``benchmarks/results.json`` and, with matplotlib,
+``docs/_static/benchmarks.png``. Every variant runs in the same invocation,
+on the same broker and machine, so compare ratios rather than absolute
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BROKERS = {"redis": "redis://127.0.0.1:6379/11", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
+VARIANTS = ("default", "safe", "lock", "ordered")
+LABELS = {
+    "default": "plain Celery, default worker (prefork, early ack, prefetch 4)",
+    "safe": "plain Celery, safe worker (late ack, prefetch 1)",
+    "lock": "plain Celery + Redis lock per key",
+    "ordered": "ordered_tasks",
+}
+
+
+@dataclass
+class Result:
+    """The figures of one variant, broker and process count."""
+
+    broker: str
+    variant: str
+    processes: int
+    tasks: int
+    publish_per_s: float = 0.0
+    drain_per_s: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    order_violations: int = 0
+    rss_mb: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _env(broker_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(BENCH_BROKER=broker_url, DJANGO_SETTINGS_MODULE="bench_project.settings",
+               PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _setup(broker_url: str) -> Any:
+    """Django and the benchmark app, on ``broker_url``; the database is created if missing."""
+    os.environ.update(_env(broker_url))
+    if str(HERE) not in sys.path:
+        sys.path[:0] = [str(HERE), str(ROOT)]
+    import django
+
+    django.setup()
+    _create_database()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+    from bench_project.celery import app
+
+    app.conf.broker_url = broker_url
+    app.pool.force_close_all()
+    app._pool = None  # the next publish connects to this broker
+    return app
+
+
+def _create_database() -> None:
+    import psycopg
+    from django.db import connection
+
+    name = connection.settings_dict["NAME"]
+    with psycopg.connect(host=connection.settings_dict["HOST"], user=connection.settings_dict["USER"],
+                         dbname="postgres", autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            admin.execute(f'CREATE DATABASE "{name}"')
+
+
+def _worker_command(variant: str, processes: int) -> list[str]:
+    quiet = ["--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if variant == "ordered":
+        return [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes), "--", *quiet]
+    base = [sys.executable, "-m", "celery", "-A", "bench_project.celery:app", "worker",
+            "-c", str(processes), *quiet]
+    if variant == "default":
+        return [*base, "-Q", "bench.plain", "--prefetch-multiplier", "4"]
+    if variant == "safe":
+        return [*base, "-Q", "bench.plain", "--prefetch-multiplier", "1", "-O", "fair"]
+    return [*base, "-Q", "bench.locked", "--prefetch-multiplier", "1", "-O", "fair"]
+
+
+def _task(variant: str) -> Any:
+    from bench_project import tasks
+
+    return {"default": tasks.plain_task, "safe": tasks.plain_task, "lock": tasks.locked_task,
+            "ordered": tasks.ordered_step}[variant]
+
+
+def _purge(app: Any) -> None:
+    from kombu import Queue
+
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.queues import partition_queue
+
+    conf = get_settings()
+    queues = [Queue("bench.plain"), Queue("bench.locked"),
+              *(partition_queue(conf.queue_prefix, p) for p in range(conf.partitions))]
+    with app.connection_for_write() as conn:
+        for queue in queues:
+            bound = queue(conn.default_channel)
+            bound.declare()
+            bound.purge()
+
+
+def _publish(app: Any, task: Any, run: str, keys: int, per_key: int, rate: float | None = None) -> float:
+    """Publish interleaved messages of ``keys`` keys; return the seconds it took."""
+    order = [(f"k{k}", seq) for seq in range(1, per_key + 1) for k in range(keys)]
+    random.Random(7).shuffle(order)
+    # Keep each key's own sequence in order while interleaving keys.
+    counters: dict[str, int] = defaultdict(int)
+    messages = []
+    for key, _ in order:
+        counters[key] += 1
+        messages.append((key, counters[key]))
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for n, (key, seq) in enumerate(messages):
+            if rate:
+                wait = started + n / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+            task.apply_async(kwargs={"run": run, "key": key, "seq": seq, "published": time.time()},
+                             producer=producer)
+    return time.perf_counter() - started
+
+
+def _records(results: Any, run: str) -> list[tuple[str, int, float, float]]:
+    rows = []
+    for raw in results.lrange(f"bench:{run}", 0, -1):
+        key, seq, published, finished = raw.decode().split("|")
+        rows.append((key, int(seq), float(published), float(finished)))
+    return rows
+
+
+def _wait(results: Any, run: str, total: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if results.llen(f"bench:{run}") >= total:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _violations(rows: list[tuple[str, int, float, float]]) -> int:
+    """Messages that finished before an earlier message of their key."""
+    by_key: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for key, seq, _, finished in rows:
+        by_key[key].append((finished, seq))
+    count = 0
+    for finishes in by_key.values():
+        highest = 0
+        for _, seq in sorted(finishes):
+            if seq < highest:
+                count += 1
+            highest = max(highest, seq)
+    return count
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                todo.extend(int(child) for child in children.read().split())
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+def measure(app: Any, broker: str, variant: str, processes: int, tasks: int, keys: int,
+            latency_rate: float, latency_seconds: float) -> Result:
+    """One variant: publish a backlog, start the workers, drain it, then a steady-state latency run."""
+    import redis
+    from django.conf import settings
+
+    results = redis.Redis.from_url(settings.BENCH_RESULTS_URL)
+    result = Result(broker, variant, processes, tasks)
+    task = _task(variant)
+    _purge(app)
+    run = uuid.uuid4().hex
+    per_key = tasks // keys
+    total = per_key * keys
+    result.publish_per_s = total / _publish(app, task, run, keys, per_key)
+    worker = subprocess.Popen(_worker_command(variant, processes), cwd=ROOT,
+                              env=_env(app.conf.broker_url), stdout=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        if not _wait(results, run, total, timeout=300):
+            result.notes.append(f"drain timed out with {results.llen(f'bench:{run}')} of {total}")
+        rows = _records(results, run)
+        if rows:
+            starts = min(r[3] for r in rows)
+            # From the first finished task to the last: worker start-up is not counted.
+            span = max(r[3] for r in rows) - starts
+            result.drain_per_s = (len(rows) - 1) / span if span > 0 else 0.0
+        result.order_violations = _violations(rows)
+        result.rss_mb = round(_rss_mb(worker.pid), 1)
+        steady = uuid.uuid4().hex
+        count = int(latency_rate * latency_seconds) // keys * keys
+        _publish(app, task, steady, keys, count // keys, rate=latency_rate)
+        _wait(results, steady, count, timeout=60)
+        latencies = sorted((finished - published) * 1000
+                           for _, _, published, finished in _records(results, steady))
+        if latencies:
+            result.latency_p50_ms = round(statistics.median(latencies), 1)
+            result.latency_p99_ms = round(latencies[int(len(latencies) * 0.99) - 1], 1)
+        results.delete(f"bench:{run}", f"bench:{steady}")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    result.publish_per_s = round(result.publish_per_s, 1)
+    result.drain_per_s = round(result.drain_per_s, 1)
+    return result
+
+
+def guard_overhead(app: Any, runs: int = 3000) -> dict[str, float]:
+    """Microseconds per task the guard adds, run in-process through Celery's tracer."""
+    from bench_project import tasks
+    from celery.app.trace import trace_task
+
+    from ordered_tasks import partition_for
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.queues import partition_queue
+    from ordered_tasks.worker.book import BOOK
+
+    app.finalize(auto=True)
+    figures: dict[str, float] = {}
+    run = uuid.uuid4().hex
+    for name, task in (("plain", tasks.plain_task), ("ordered", tasks.ordered_step)):
+        task = app.tasks[task.name]
+        key = "guard-key"
+        started = time.perf_counter()
+        for n in range(runs):
+            request = {"id": str(uuid.uuid4()), "task": task.name, "retries": 0, "is_eager": False,
+                       "hostname": "bench@host", "args": [], "ordered_key": key,
+                       "ordered_partition": partition_for(key),
+                       "ordered_content": ["application/json", "utf-8"],
+                       "delivery_info": {"exchange": "", "redelivered": False, "priority": None,
+                                         "routing_key": partition_queue(get_settings().queue_prefix,
+                                                                        partition_for(key)).name}}
+            kwargs = {"run": run, "key": key, "seq": n, "published": 0.0}
+            request["kwargs"] = kwargs
+            trace_task(task, request["id"], [], kwargs, request, app=app)
+        figures[name] = (time.perf_counter() - started) / runs * 1e6
+    BOOK.forget()
+    tasks.results().delete(f"bench:{run}")
+    figures["overhead"] = figures["ordered"] - figures["plain"]
+    return {k: round(v, 1) for k, v in figures.items()}
+
+
+def table(results: list[Result]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| broker | variant | processes | publish/s | drain/s | p50 ms | p99 ms | "
+             "order violations | RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.broker} | {r.variant} | {r.processes} | {r.publish_per_s:.0f} | "
+                     f"{r.drain_per_s:.0f} | {r.latency_p50_ms:.1f} | {r.latency_p99_ms:.1f} | "
+                     f"{r.order_violations} | {r.rss_mb:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path) -> bool:
+    """Drain throughput per variant and process count, one panel per broker (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    brokers = sorted({r.broker for r in results})
+    fig, axes = plt.subplots(1, len(brokers), figsize=(6 * len(brokers), 4), squeeze=False)
+    for ax, broker in zip(axes[0], brokers, strict=True):
+        counts = sorted({r.processes for r in results if r.broker == broker})
+        width = 0.8 / len(VARIANTS)
+        for i, variant in enumerate(VARIANTS):
+            values = [next((r.drain_per_s for r in results if (r.broker, r.variant, r.processes)
+                            == (broker, variant, n)), 0.0) for n in counts]
+            ax.bar([c + (i - 1.5) * width for c in range(len(counts))], values, width, label=LABELS[variant])
+        ax.set_xticks(range(len(counts)), [f"{n} process{'es' if n > 1 else ''}" for n in counts])
+        ax.set_title(f"Drain throughput on {broker} (tasks/s)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks chosen on the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--brokers", nargs="+", choices=sorted(BROKERS), default=sorted(BROKERS))
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--keys", type=int, default=100)
+    parser.add_argument("--latency-rate", type=float, default=200.0, help="tasks/s of the latency run")
+    parser.add_argument("--latency-seconds", type=float, default=5.0)
+    parser.add_argument("--quick", action="store_true", help="Redis, 2 processes, 1,000 tasks")
+    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "_static" / "benchmarks.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.brokers, args.processes, args.tasks = ["redis"], [2], 1000
+    results: list[Result] = []
+    overhead: dict[str, float] = {}
+    for broker in args.brokers:
+        app = _setup(BROKERS[broker])
+        if not overhead:
+            overhead = guard_overhead(app)
+        for processes in args.processes:
+            for variant in args.variants:
+                result = measure(app, broker, variant, processes, args.tasks, args.keys,
+                                 args.latency_rate, args.latency_seconds)
+                print(json.dumps(asdict(result)), flush=True)
+                results.append(result)
+    print()
+    print(table(results))
+    print(f"\nguard, in-process per task: plain {overhead['plain']} µs, ordered {overhead['ordered']} µs, "
+          f"overhead {overhead['overhead']} µs")
+    args.output.write_text(json.dumps({"results": [asdict(r) for r in results], "guard_us": overhead,
+                                       "machine": {"cpus": os.cpu_count()}}, indent=2) + "\n")
+    if plot(results, args.plot):
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
