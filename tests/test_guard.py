@@ -317,12 +317,14 @@ def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redi
 
     prefix = f"ledger-{uuid.uuid4().hex[:8]}"
     ledger = ledgers.Ledger(results, prefix)
-    for n in range(ledgers.LEDGER_SIZE + 5):
+    written = ledgers.LEDGER_SIZE + 2 * ledgers.TRIM_EVERY
+    for n in range(written):
         ledger.record(3, f"task-{n}")
-    assert not ledger.completed(3, "task-4")
-    assert ledger.completed(3, "task-5") and ledger.completed(3, f"task-{ledgers.LEDGER_SIZE + 4}")
-    assert not ledger.completed(2, "task-5")
-    assert results.zcard(ledger._key(3)) == ledgers.LEDGER_SIZE
+    assert not ledger.completed(3, "task-0")
+    kept = written - ledgers.LEDGER_SIZE  # the trim at the last multiple of TRIM_EVERY kept the rest
+    assert ledger.completed(3, f"task-{kept}") and ledger.completed(3, f"task-{written - 1}")
+    assert not ledger.completed(2, f"task-{kept}")
+    assert ledgers.LEDGER_SIZE <= results.zcard(ledger._key(3)) < ledgers.LEDGER_SIZE + ledgers.TRIM_EVERY
     results.delete(ledger._key(3))
 
 

@@ -174,17 +174,28 @@ def test_a_message_popped_for_a_cancelled_consumer_goes_back_to_the_head(channel
 
 
 def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel: Any) -> None:
+    from types import SimpleNamespace
+
     from ordered_tasks.worker.fetch import ReliableChannel
+    from ordered_tasks.worker.requeue import requeue_at_head
 
     channel.__class__ = ReliableChannel
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, queue, "1", "2")
     received: list[str] = []
-    consumer = Consumer(channel, [queue], accept=["json"],
-                        callbacks=[lambda body, message: (received.append(body), message.ack())])
+    while_running: list[list[str]] = []
+
+    def run(body: str, message: Any) -> None:
+        received.append(body)
+        while_running.append(_unacked(channel, queue))
+        message.ack()
+
+    consumer = Consumer(channel, [queue], accept=["json"], callbacks=[run])
+    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
     consumer.consume()
     channel.connection.client.drain_events(timeout=5)  # an ordinary delivery and acknowledgement
-    assert received == ["1"] and _unacked(channel, queue) == []
+    assert received == ["1"] and len(while_running[0]) == 1  # recorded by the script alone
+    assert _unacked(channel, queue) == []
     channel.connection.cycle.on_poll_start()  # fetches "2"; now the worker or Redis dies
     assert channel._in_poll
     assert channel._size(queue.name) == 0 and len(_unacked(channel, queue)) == 1

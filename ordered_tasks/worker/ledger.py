@@ -14,8 +14,10 @@ from ..partitioning import queue_name
 
 logger = logging.getLogger(__name__)
 
-#: How many completed task ids each partition remembers.
+#: How many completed task ids each partition remembers (at least).
 LEDGER_SIZE = 1000
+#: The set is trimmed back to ``LEDGER_SIZE`` every this many writes of a process.
+TRIM_EVERY = 64
 
 
 class Ledger:
@@ -30,6 +32,7 @@ class Ledger:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
+        self.writes = 0
 
     def _key(self, partition: int) -> str:
         return f"ordered_tasks:completed:{queue_name(self.prefix, partition)}"
@@ -37,11 +40,11 @@ class Ledger:
     def record(self, partition: int, task_id: str) -> None:
         """Note that ``task_id`` completed (one round trip; a failure is logged)."""
         key = self._key(partition)
+        self.writes += 1
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zadd(key, {task_id: time.time()})
-            pipe.zremrangebyrank(key, 0, -LEDGER_SIZE - 1)
-            pipe.execute()
+            self.client.zadd(key, {task_id: time.time()})
+            if self.writes % TRIM_EVERY == 0:
+                self.client.zremrangebyrank(key, 0, -LEDGER_SIZE - 1)
         except redis.RedisError as exc:
             logger.warning("Could not record completion of %s: %r", task_id, exc)
 

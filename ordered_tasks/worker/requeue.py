@@ -20,6 +20,15 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
 
     restore_at_shutdown = False
 
+    def append(self, message: Any, delivery_tag: str) -> None:
+        from .fetch import ReliableChannel
+
+        if isinstance(self.channel, ReliableChannel):
+            # The fetch script recorded it as unacknowledged already: save the round trip.
+            VirtualQoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if not requeue:
             super().reject(delivery_tag, requeue=False)
