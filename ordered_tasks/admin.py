@@ -31,6 +31,19 @@ _URGENCY = Case(When(status=BLOCKED, then=Value(0)), When(status=RETRYING, then=
                 output_field=IntegerField())
 
 
+class ReadOnly:
+    """Nobody adds, edits or deletes these rows by hand: only the workers, replay and skip write."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 if TYPE_CHECKING:
     _AccountAdmin = admin.ModelAdmin[AccountState]
     _PartitionAdmin = admin.ModelAdmin[PartitionStatus]
@@ -62,7 +75,7 @@ def _results_installed() -> bool:
 
 
 @admin.register(AccountState)
-class AccountStateAdmin(_AccountAdmin):
+class AccountStateAdmin(ReadOnly, _AccountAdmin):
     """Keys that left the happy path: why they are stuck, and replay or skip."""
 
     list_display = ("key", "partition", "status", "parked", "short_error", "last_activity")
@@ -77,15 +90,6 @@ class AccountStateAdmin(_AccountAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[AccountState]:
         return super().get_queryset(request).annotate(parked_count=Coalesce(_parked_count(), 0))
 
-    # Read-only: states change only through the workers, replay and skip.
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(REPLAY_PERMISSION)
@@ -198,7 +202,7 @@ class AccountStateAdmin(_AccountAdmin):
 
 
 @admin.register(PartitionStatus)
-class PartitionStatusAdmin(_PartitionAdmin):
+class PartitionStatusAdmin(ReadOnly, _PartitionAdmin):
     """The partitions page, listed in the admin index; read by those who may view accounts."""
 
     def get_urls(self) -> list[URLPattern]:
@@ -210,15 +214,6 @@ class PartitionStatusAdmin(_PartitionAdmin):
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(VIEW_PERMISSION)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def partitions_view(self, request: HttpRequest) -> HttpResponse:
         from django.core.exceptions import PermissionDenied
