@@ -109,7 +109,7 @@ def _worker_command(variant: str, processes: int) -> list[str]:
 def _task(variant: str) -> Any:
     from bench_project import tasks
 
-    return {"default": tasks.plain_task, "safe": tasks.plain_task, "lock": tasks.locked_task,
+    return {"default": tasks.plain_task, "safe": tasks.safe_task, "lock": tasks.locked_task,
             "ordered": tasks.ordered_step}[variant]
 
 

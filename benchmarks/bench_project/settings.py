@@ -24,6 +24,7 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {
     "bench_project.tasks.plain_task": {"queue": "bench.plain"},
+    "bench_project.tasks.safe_task": {"queue": "bench.plain"},
     "bench_project.tasks.locked_task": {"queue": "bench.locked"},
 }
 #: Where every task records when it finished (also the Redis of the per-key locks).
@@ -33,5 +34,7 @@ ORDERED_TASKS = {
     "PARTITIONS": int(os.environ.get("BENCH_PARTITIONS", "8")),
     "QUEUE_PREFIX": "bench.ordered",
     "CELERY_APP": "bench_project.celery:app",
-    "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
 }
+# The completion ledger's Redis; BENCH_REDIS_URL="" runs RabbitMQ without it, to measure its cost.
+if os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"):
+    ORDERED_TASKS["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")

@@ -30,6 +30,12 @@ def plain_task(run: str, key: str, seq: int, published: float) -> None:
 
 
 @shared_task(ignore_result=True, acks_late=True)
+def safe_task(run: str, key: str, seq: int, published: float) -> None:
+    """Plain Celery with late acknowledgement: a crash does not lose the message."""
+    record(run, key, seq, published)
+
+
+@shared_task(ignore_result=True, acks_late=True)
 def locked_task(run: str, key: str, seq: int, published: float) -> None:
     """The usual workaround: a Redis lock per key around the body (no order, only exclusion)."""
     with results().lock(f"bench:lock:{key}", timeout=30, blocking_timeout=30):
