@@ -320,6 +320,7 @@ def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redi
     written = ledgers.LEDGER_SIZE + 2 * ledgers.TRIM_EVERY
     for n in range(written):
         ledger.record(3, f"task-{n}")
+    ledger.flush()
     assert not ledger.completed(3, "task-0")
     kept = written - ledgers.LEDGER_SIZE  # the trim at the last multiple of TRIM_EVERY kept the rest
     assert ledger.completed(3, f"task-{kept}") and ledger.completed(3, f"task-{written - 1}")
