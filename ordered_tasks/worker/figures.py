@@ -56,7 +56,6 @@ class Figures:
         self.keys_done: set[str] = set()
         self.lock = threading.Lock()
         self.worker = ""
-        self.since = dt.datetime.now(dt.timezone.utc)
 
     def _of(self, request: Any) -> tuple[PartitionFigures | None, str]:
         headers = getattr(request, "_request_dict", None) or {}
@@ -164,7 +163,6 @@ def start_reporting(worker: str) -> threading.Thread:
     from .consumer import current_keeper
 
     FIGURES.worker = worker
-    FIGURES.since = dt.datetime.now(dt.timezone.utc)
 
     def run() -> None:
         from django.db import close_old_connections
