@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from .brokerstats import BrokerUnavailable, QueueFigures, queue_figures
 from .conf import get_settings
+from .exceptions import ConfigurationError
 from .models import BLOCKED, RETRYING, AccountState, PartitionStatus
 from .partitioning import queue_name
 from .worker.figures import FLUSH_INTERVAL
@@ -53,7 +54,7 @@ def overview(now: datetime | None = None) -> tuple[list[PartitionRow], str | Non
     error = None
     try:
         queues = queue_figures(broker_url(), conf.queue_prefix, conf.partitions)
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, ConfigurationError) as exc:  # no broker, or no Celery app to ask
         queues, error = {}, str(exc)
     statuses = {s.partition: s for s in PartitionStatus.objects.filter(partition__lt=conf.partitions)}
     held = {
