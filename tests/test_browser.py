@@ -62,7 +62,7 @@ def test_an_operator_replays_a_blocked_account_in_the_browser(
         tmp_path: Path) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,10 @@ def test_an_operator_replays_a_blocked_account_in_the_browser(
 
     browser.get(live_server.url + "/admin/ordered_tasks/accountstate/?status__exact=blocked")
     browser.save_screenshot(str(shots / "accounts.png"))
+    # Each click loads a new page: wait for it rather than read the old one.
+    wait = WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,))
     browser.find_element(By.LINK_TEXT, key).click()
+    wait.until(lambda d: "Parked messages, in the order" in d.page_source)
     assert "failed on purpose" in browser.page_source
     browser.save_screenshot(str(shots / "account.png"))
 
@@ -92,10 +95,12 @@ def test_an_operator_replays_a_blocked_account_in_the_browser(
     row.find_element(By.CSS_SELECTOR, "input.action-select").click()
     Select(browser.find_element(By.NAME, "action")).select_by_value("replay")
     browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    confirm = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=submit][value='Yes, replay']"))
     assert key in browser.find_element(By.ID, "content").text
     browser.save_screenshot(str(shots / "confirm-replay.png"))
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit][value='Yes, replay']").click()
-    assert "Requested a replay of 1 account" in browser.find_element(By.CSS_SELECTOR, "ul.messagelist").text
+    confirm.click()
+    wait.until(lambda d: "Requested a replay of 1 account"
+               in d.find_element(By.CSS_SELECTOR, "ul.messagelist").text)
 
     def active_in_browser() -> bool:
         browser.get(live_server.url + f"/admin/ordered_tasks/accountstate/?q={key}")
