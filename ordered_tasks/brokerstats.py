@@ -9,6 +9,7 @@ from typing import Any
 
 from kombu import Connection
 
+from .conf import REDIS_SCHEMES
 from .options import PUBLISHED_HEADER
 from .partitioning import queue_name
 
@@ -33,7 +34,7 @@ def queue_figures(broker_url: str, prefix: str, partitions: int) -> dict[int, Qu
     """Depth (and on Redis the head's age) of every partition queue, in one connection."""
     names = {p: queue_name(prefix, p) for p in range(partitions)}
     try:
-        if broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if broker_url.startswith(REDIS_SCHEMES):
             return _redis(broker_url, names)
         return _amqp(broker_url, names)
     except BrokerUnavailable:

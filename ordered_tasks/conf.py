@@ -23,7 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "CELERY_APP": None,
     "REDIS_URL": None,
 }
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: URL schemes of a Redis server (broker, leases, completion ledger).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PARTITIONS = 4096
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:]*(\.[A-Za-z0-9_\-:]+)*$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,7 +53,7 @@ class OrderedTasksSettings:
         """Redis for leases and the completion ledger: ``REDIS_URL``, else a Redis broker."""
         if self.redis_url:
             return self.redis_url
-        if broker_url and broker_url.startswith(_REDIS_SCHEMES):
+        if broker_url and broker_url.startswith(REDIS_SCHEMES):
             return broker_url
         return None
 
@@ -109,7 +110,7 @@ def find_problems(raw: Any) -> list[Problem]:
             "ordered_tasks.E006", f"ORDERED_TASKS['CELERY_APP'] is {app!r}.",
             "Use the dotted path of your Celery app, for example 'proj.celery:app', or leave it out."))
     redis_url = raw.get("REDIS_URL", DEFAULTS["REDIS_URL"])
-    if redis_url is not None and (not isinstance(redis_url, str) or not redis_url.startswith(_REDIS_SCHEMES)):
+    if redis_url is not None and (not isinstance(redis_url, str) or not redis_url.startswith(REDIS_SCHEMES)):
         problems.append(Problem(
             "ordered_tasks.E007", f"ORDERED_TASKS['REDIS_URL'] is {redis_url!r}.",
             "Use a Redis URL such as 'redis://localhost:6379/0', or leave it out to use a Redis broker."))
