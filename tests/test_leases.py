@@ -121,24 +121,26 @@ def test_restore_does_not_swallow_a_message_the_consumer_is_waiting_for(channel:
 def test_an_acknowledgement_after_the_channel_closed_leaves_the_message_unacknowledged(
         channel: Any, caplog: pytest.LogCaptureFixture) -> None:
     import logging
+    from types import SimpleNamespace
 
     from kombu.exceptions import OperationalError
 
-    from ordered_tasks.worker.consumer import settle_safely
+    from ordered_tasks.worker.requeue import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
-    _publish(channel, queue, "1")
+    _publish(channel, queue, "1", "2")
     other = channel.connection.client.channel()
-    other.qos.restore_at_shutdown = False  # as in ordered workers
-    [message] = _take(other, queue, 1)
-    settle_safely(message)
+    requeue_at_head(SimpleNamespace(task_consumer=SimpleNamespace(channel=other),
+                                    connection=channel.connection.client))
+    acked, rejected = _take(other, queue, 2)
     other.close()  # the broker connection was lost; Celery acknowledges afterwards
     errors = (OperationalError,)
-    message.ack_log_error(logging.getLogger("test"), errors)
-    message.reject_log_error(logging.getLogger("test"), errors, requeue=False)
+    acked.ack_log_error(logging.getLogger("test"), errors)
+    rejected.reject_log_error(logging.getLogger("test"), errors, requeue=False)
+    assert "Could not acknowledge message" in caplog.text and "Could not reject message" in caplog.text
     assert "its broker connection closed" in caplog.text
-    assert restore_to_head(channel, queue.name) == 1  # still there for the next owner
-    assert channel.basic_get(queue.name, no_ack=True).payload == "1"
+    assert restore_to_head(channel, queue.name) == 2  # still there for the next owner
+    assert [channel.basic_get(queue.name, no_ack=True).payload for _ in range(2)] == ["1", "2"]
 
 
 def test_a_requeued_message_goes_back_to_the_head(channel: Any) -> None:

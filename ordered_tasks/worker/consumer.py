@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import weakref
-from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
@@ -23,7 +21,6 @@ from .requeue import requeue_at_head
 from .startup import ORDERED_APPS
 from .unrunnable import hand_over
 
-logger = logging.getLogger(__name__)
 Reason = ParkedMessage.Reason
 _current: weakref.ref[OrderedConsumer] | None = None
 
@@ -61,30 +58,6 @@ def _stop_tasks_step(step: Tasks, c: Any) -> None:
     Tasks.stop(step, c)
 
 
-def settle_safely(message: Any) -> None:
-    """Make acknowledging or rejecting ``message`` after its channel closed a warning, not a crash.
-
-    Celery acknowledges through a callback that can run after the broker
-    connection was lost and the channel closed; kombu's Redis transport then
-    raises ``AttributeError``, which stops the worker. The message stays
-    unacknowledged: the next owner of the partition, or this worker after it
-    reconnects, puts it back at the head, and the completion ledger
-    recognises it if it already ran.
-    """
-    def guard(settle: Callable[..., Any], what: str) -> Callable[..., Any]:
-        def call(log: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(message.channel, "connection", None) is None:
-                logger.warning("Could not %s message %s: its broker connection closed; it stays "
-                               "unacknowledged and comes back at the head of its queue.",
-                               what, message.headers.get("id", message.delivery_tag))
-                return None
-            return settle(log, *args, **kwargs)
-        return call
-
-    message.ack_log_error = guard(message.ack_log_error, "acknowledge")
-    message.reject_log_error = guard(message.reject_log_error, "reject")
-
-
 class OrderedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer for partition queues.
 
@@ -109,7 +82,6 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
                 # Shutting down: left unacknowledged, RabbitMQ gives it back in its
                 # place to the next consumer when this connection closes.
                 return None
-            settle_safely(message)
             return handle(message)
 
         return on_task_received
