@@ -97,6 +97,14 @@ def test_restore_puts_a_dead_consumers_messages_back_at_the_head(channel: Any) -
     dead.close()
 
 
+def test_several_restored_messages_keep_the_order_they_were_delivered_in(channel: Any) -> None:
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, *"123456")
+    _take(channel, queue, 5)  # after a reconnect: run, delivered, not yet acknowledged...
+    assert restore_to_head(channel, queue.name) == 5
+    assert [channel.basic_get(queue.name, no_ack=True).payload for _ in range(6)] == list("123456")
+
+
 def test_restore_does_not_swallow_a_message_the_consumer_is_waiting_for(channel: Any) -> None:
     """The restore must not use the connection kombu keeps its BRPOP in flight on."""
     waiting, restored = _queue(f"q-{uuid.uuid4().hex[:8]}"), _queue(f"q-{uuid.uuid4().hex[:8]}")

@@ -153,20 +153,25 @@ def restore_to_head(channel: Any, queue: str) -> int:
     """Put the unacknowledged messages of ``queue`` back at its head (kombu's Redis transport).
 
     They belong to a previous owner of the partition that died or stopped:
-    the new owner holds the lease, so nobody else is running them. The
-    commands go through a pooled connection: ``channel.client`` is the one
-    connection kombu keeps its ``BRPOP`` in flight on, and a command sent
-    there would read the ``BRPOP`` reply (a message) instead of its own.
+    the new owner holds the lease, so nobody else is running them. Several
+    go back in the order they were delivered. The commands go through a
+    pooled connection: ``channel.client`` is the one connection kombu keeps
+    its ``BRPOP`` in flight on, and a command sent there would read the
+    ``BRPOP`` reply (a message) instead of its own.
     """
-    restored = 0
     with channel.conn_or_acquire() as client:
+        tags = []
         for tag, payload in client.hgetall(channel.unacked_key).items():
             try:
                 _message, _exchange, routing_key = loads(payload)
             except (ValueError, TypeError):
                 continue
             if routing_key == queue:
-                tag = tag.decode() if isinstance(tag, bytes) else tag
-                channel.qos.restore_by_tag(tag, client=client, leftmost=False)
-                restored += 1
-    return restored
+                tags.append(tag.decode() if isinstance(tag, bytes) else tag)
+        # Each restore becomes the new head, so the latest delivered goes first and the
+        # earliest ends at the head, in the order they had left the queue.
+        delivered = {(t.decode() if isinstance(t, bytes) else t): when
+                     for t, when in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
+        for tag in sorted(tags, key=lambda t: delivered.get(t, 0.0), reverse=True):
+            channel.qos.restore_by_tag(tag, client=client, leftmost=False)
+    return len(tags)
