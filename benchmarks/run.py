@@ -96,7 +96,8 @@ def _create_database() -> None:
 def _worker_command(variant: str, processes: int) -> list[str]:
     quiet = ["--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if variant == "ordered":
-        return [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes), "--", *quiet]
+        return [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes),
+                "--pool", os.environ.get("BENCH_ORDERED_POOL", "prefork"), "--", *quiet]
     base = [sys.executable, "-m", "celery", "-A", "bench_project.celery:app", "worker",
             "-c", str(processes), *quiet]
     if variant == "default":
@@ -283,6 +284,38 @@ def guard_overhead(app: Any, runs: int = 3000) -> dict[str, float]:
     return {k: round(v, 1) for k, v in figures.items()}
 
 
+def publish_cost(app: Any, rounds: int = 7, batch: int = 300) -> dict[str, float]:
+    """Microseconds per ``apply_async``, plain against ordered, in alternating batches.
+
+    The publish rates of the drain runs are measured minutes apart, and this
+    machine's speed drifts between them; alternating short batches of the
+    two in one loop compares them under the same conditions. Each figure is
+    the median of ``rounds`` batches.
+    """
+    from bench_project import tasks
+
+    _purge(app)
+    run = uuid.uuid4().hex
+    timings: dict[str, list[float]] = {"plain": [], "ordered": []}
+    variants = [("plain", tasks.plain_task), ("ordered", tasks.ordered_step)]
+    with app.producer_or_acquire() as producer:
+        for task in (tasks.plain_task, tasks.ordered_step):  # warm up: connections, declarations
+            for n in range(100):
+                task.apply_async(kwargs={"run": run, "key": f"k{n}", "seq": 0, "published": 0.0},
+                                 producer=producer)
+        for round_ in range(rounds):
+            for name, task in variants if round_ % 2 else variants[::-1]:
+                started = time.perf_counter()
+                for n in range(batch):
+                    task.apply_async(kwargs={"run": run, "key": f"k{n % 100}", "seq": n,
+                                             "published": 0.0}, producer=producer)
+                timings[name].append((time.perf_counter() - started) / batch * 1e6)
+    _purge(app)
+    figures = {name: statistics.median(values) for name, values in timings.items()}
+    figures["ratio"] = figures["plain"] / figures["ordered"]
+    return {k: round(v, 2 if k == "ratio" else 1) for k, v in figures.items()}
+
+
 def table(results: list[Result]) -> str:
     """The results as a Markdown table."""
     lines = ["| broker | variant | processes | publish/s | drain/s | p50 ms | p99 ms | "
@@ -325,6 +358,8 @@ def plot(results: list[Result], path: Path) -> bool:
 def _one_broker(args: argparse.Namespace) -> int:
     app = _setup(BROKERS[args.one_broker])
     overhead = guard_overhead(app)
+    publish = publish_cost(app)
+    print(json.dumps({"publish_us": publish}), flush=True)
     results = []
     for processes in args.processes:
         for variant in args.variants:
@@ -332,7 +367,8 @@ def _one_broker(args: argparse.Namespace) -> int:
                              args.latency_rate, args.latency_seconds)
             print(json.dumps(asdict(result)), flush=True)
             results.append(result)
-    args.output.write_text(json.dumps({"results": [asdict(r) for r in results], "guard_us": overhead}))
+    args.output.write_text(json.dumps({"results": [asdict(r) for r in results], "guard_us": overhead,
+                                       "publish_us": publish}))
     return 0
 
 
@@ -357,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         args.brokers, args.processes, args.tasks = ["redis"], [2], 1000
     results: list[Result] = []
     overhead: dict[str, float] = {}
+    publish: dict[str, dict[str, float]] = {}
     for broker in args.brokers:
         # Django reads the broker once per process: one process per broker.
         part = args.output.with_suffix(f".{broker}.json")
@@ -369,12 +406,17 @@ def main(argv: list[str] | None = None) -> int:
         part.unlink()
         results += [Result(**row) for row in data["results"]]
         overhead = overhead or data["guard_us"]
+        publish[broker] = data["publish_us"]
     print()
     print(table(results))
     print(f"\nguard, in-process per task: plain {overhead['plain']} µs, ordered {overhead['ordered']} µs, "
           f"overhead {overhead['overhead']} µs")
+    for broker, cost in publish.items():
+        print(f"publish on {broker}, alternating batches: plain {cost['plain']} µs, "
+              f"ordered {cost['ordered']} µs per message, ordered/plain rate {cost['ratio']}x")
     args.output.write_text(json.dumps({"results": [asdict(r) for r in results], "guard_us": overhead,
-                                       "machine": {"cpus": os.cpu_count()}}, indent=2) + "\n")
+                                       "publish_us": publish, "machine": {"cpus": os.cpu_count()}},
+                                      indent=2) + "\n")
     if plot(results, args.plot):
         print(f"plot written to {args.plot}")
     return 0

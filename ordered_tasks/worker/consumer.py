@@ -58,6 +58,20 @@ def _stop_tasks_step(step: Tasks, c: Any) -> None:
     Tasks.stop(step, c)
 
 
+def _per_consumer_qos(step: Tasks, c: Any) -> bool:
+    """Celery's choice of QoS scope, except per consumer (so per partition queue) on RabbitMQ.
+
+    Celery applies the prefetch limit of 1 to the whole channel: the broker
+    sends the next message only once the last one is acknowledged, so the
+    worker waits a round trip per task. Applied per consumer, each partition
+    queue has at most one unacknowledged message, which keeps every
+    partition's order (nothing of a partition is delivered behind a message
+    that may still be requeued), while the messages of other partitions are
+    already waiting when a task ends.
+    """
+    return False if _is_amqp(c) else Tasks.qos_global(step, c)
+
+
 class OrderedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer for partition queues.
 
@@ -73,6 +87,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         for step in self.blueprint.steps.values():
             if isinstance(step, Tasks):
                 step.stop = MethodType(_stop_tasks_step, step)  # type: ignore[method-assign]
+                step.qos_global = MethodType(_per_consumer_qos, step)  # type: ignore[method-assign]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
@@ -132,6 +147,10 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
         requeue_at_head(c)
         self.wake = fetch_reliably(c.task_consumer.channel, c.timer)
+        if self.wake is not None:
+            # The reliable fetch takes at most one message per partition queue.
+            c.qos.value = len(partitions)
+            c.qos.update()
         for partition in partitions:  # nothing until the leases say so, also after a reconnect
             c.task_consumer.cancel_by_queue(partition_queue(conf.queue_prefix, partition).name)
         _keeper.consuming.clear()

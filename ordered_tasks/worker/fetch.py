@@ -6,7 +6,10 @@ from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
+
+from .unanswered import Unanswered
 
 #: Kombu's reading of the reply, which is the same for the script as for ``BRPOP``.
 _Channel: Any = kombu_redis.Channel
@@ -45,15 +48,23 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     owner of the partition (or this worker after it reconnects) puts it back
     at the head. The script does not block: after an empty fetch the channel
     waits :data:`IDLE_WAIT` seconds before the next one.
+
+    It fetches only from queues without an unacknowledged message on this
+    channel: each partition has at most one message in the worker, so a
+    message that is handed back to the head of its queue is never overtaken
+    by a later one of its partition, while other partitions' messages are
+    already fetched when a task ends.
     """
 
     _idle_until = 0.0
+    _acks: Unanswered | None = None
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if monotonic() < self._idle_until:
             return
         channel: Any = self  # kombu is untyped
-        queues = channel._queue_cycle.consume(len(channel.active_queues))
+        busy = _unacknowledged_queues(channel.qos)
+        queues = [q for q in channel._queue_cycle.consume(len(channel.active_queues)) if q not in busy]
         if not queues:
             return
         prefix = channel.global_keyprefix or ""
@@ -63,12 +74,45 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         channel._brpop_sent_at = monotonic()
         channel.client.connection.send_command("EVAL", _FETCH, len(keys), *keys, time())
 
+    def forget(self, delivery_tag: str) -> None:
+        """Delete the unacknowledged record of an acknowledged message, without waiting for Redis.
+
+        Kombu waits a round trip, with a new client object, between the end
+        of a task and the start of the next. Should the deletion get lost
+        with the worker, the message comes back and the completion ledger
+        recognises it.
+        """
+        channel: Any = self
+        if self._acks is None:
+            self._acks = Unanswered(channel.pool, "acknowledgements")
+        prefix = channel.global_keyprefix or ""
+        self._acks.send(("ZREM", prefix + channel.unacked_index_key, delivery_tag),
+                        ("HDEL", prefix + channel.unacked_key, delivery_tag))
+
+    def close(self) -> None:
+        if self._acks is not None:
+            try:
+                self._acks.flush()
+            except redis.RedisError:
+                self._acks.reset()
+        super().close()
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return _read_reply(self, **options)
         except Empty:
             self._idle_until = monotonic() + IDLE_WAIT
             raise
+
+
+def _unacknowledged_queues(qos: Any) -> set[str]:
+    """The queues of the messages this channel holds unacknowledged.
+
+    Partition queues are bound with their own name as routing key.
+    """
+    dirty = qos._dirty
+    return {message.delivery_info.get("routing_key") for tag, message in qos._delivered.items()
+            if tag not in dirty}
 
 
 def fetch_reliably(channel: Any, timer: Any) -> Any:

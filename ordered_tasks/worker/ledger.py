@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import Any
 
@@ -12,6 +11,7 @@ import redis
 
 from ..conf import get_settings
 from ..partitioning import queue_name
+from .unanswered import Unanswered
 
 logger = logging.getLogger(__name__)
 
@@ -34,39 +34,14 @@ class Ledger:
         self.client = client
         self.prefix = prefix
         self.writes = 0
-        #: A connection of the ledger's own, and how many of its replies are still unread.
-        self._connection: Any = None
-        self._pid = 0
-        self._unread = 0
+        self.writer = Unanswered(client.connection_pool, "the completion ledger")
 
     def _key(self, partition: int) -> str:
         return f"ordered_tasks:completed:{queue_name(self.prefix, partition)}"
 
-    def _conn(self) -> Any:
-        if self._pid != os.getpid():  # a forked child must not read its parent's replies
-            self._connection, self._unread, self._pid = None, 0, os.getpid()
-        if self._connection is None:
-            pool = self.client.connection_pool
-            try:
-                self._connection = pool.get_connection()
-            except TypeError:  # redis-py before 5.3 wants a command name
-                self._connection = pool.get_connection("_")
-        return self._connection
-
-    def _reset(self) -> None:
-        if self._connection is not None:
-            self._connection.disconnect()
-        self._unread = 0
-
     def flush(self) -> None:
         """Read the replies of the writes sent so far (a refused write is logged)."""
-        connection = self._conn()
-        while self._unread:
-            self._unread -= 1
-            try:
-                connection.read_response()
-            except redis.ResponseError as exc:
-                logger.warning("The completion ledger refused a write: %r", exc)
+        self.writer.flush()
 
     def record(self, partition: int, task_id: str) -> None:
         """Note that ``task_id`` completed; a failure is logged.
@@ -78,27 +53,19 @@ class Ledger:
         """
         key = self._key(partition)
         self.writes += 1
+        commands: list[tuple[Any, ...]] = [("ZADD", key, time.time(), task_id)]
+        if self.writes % TRIM_EVERY == 0:
+            commands.append(("ZREMRANGEBYRANK", key, 0, -LEDGER_SIZE - 1))
         try:
-            self.flush()
-            connection = self._conn()
-            connection.send_command("ZADD", key, time.time(), task_id)
-            self._unread += 1
-            if self.writes % TRIM_EVERY == 0:
-                connection.send_command("ZREMRANGEBYRANK", key, 0, -LEDGER_SIZE - 1)
-                self._unread += 1
+            self.writer.send(*commands)
         except redis.RedisError as exc:
-            self._reset()
             logger.warning("Could not record completion of %s: %r", task_id, exc)
 
     def completed(self, partition: int, task_id: str) -> bool:
         """Whether ``task_id`` is among the tasks ``partition`` completed recently."""
         try:
-            self.flush()
-            connection = self._conn()
-            connection.send_command("ZSCORE", self._key(partition), task_id)
-            return connection.read_response() is not None
+            return self.writer.ask("ZSCORE", self._key(partition), task_id) is not None
         except redis.RedisError as exc:
-            self._reset()
             logger.warning("Could not read the completion ledger: %r", exc)
             return False
 

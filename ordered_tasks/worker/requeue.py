@@ -40,7 +40,12 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if not self._closed("acknowledge", delivery_tag):
+        if self._closed("acknowledge", delivery_tag):
+            return
+        if isinstance(self.channel, ReliableChannel):
+            self.channel.forget(delivery_tag)
+            VirtualQoS.ack(self, delivery_tag)
+        else:
             super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:

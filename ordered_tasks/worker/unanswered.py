@@ -1,0 +1,76 @@
+"""Redis commands sent on a connection of their own, without waiting for their replies."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+
+class Unanswered:
+    """A Redis connection whose writes do not wait a round trip.
+
+    Each write is sent at once and its reply is read before the next
+    command, when it has usually arrived: an error is still logged, one
+    command late. A forked child opens a connection of its own, so that it
+    never reads its parent's replies.
+    """
+
+    def __init__(self, pool: Any, what: str) -> None:
+        self.pool = pool
+        self.what = what
+        self._connection: Any = None
+        self._pid = 0
+        self._unread = 0
+
+    def _conn(self) -> Any:
+        if self._pid != os.getpid():
+            self._connection, self._unread, self._pid = None, 0, os.getpid()
+        if self._connection is None:
+            try:
+                self._connection = self.pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                self._connection = self.pool.get_connection("_")
+        return self._connection
+
+    def reset(self) -> None:
+        """Drop the connection (after an error); the next command opens a new one."""
+        if self._connection is not None and self._pid == os.getpid():
+            self._connection.disconnect()
+        self._unread = 0
+
+    def flush(self) -> None:
+        """Read the replies of the writes sent so far; a refused write is logged."""
+        connection = self._conn()
+        while self._unread:
+            self._unread -= 1
+            try:
+                connection.read_response()
+            except redis.ResponseError as exc:
+                logger.warning("Redis refused a write of %s: %r", self.what, exc)
+
+    def send(self, *commands: tuple[Any, ...]) -> None:
+        """Send ``commands`` without waiting; a connection error is raised after a reset."""
+        try:
+            self.flush()
+            connection = self._conn()
+            connection.send_packed_command(connection.pack_commands(commands))
+            self._unread += len(commands)
+        except redis.RedisError:
+            self.reset()
+            raise
+
+    def ask(self, *command: Any) -> Any:
+        """Send one command and return its reply."""
+        try:
+            self.flush()
+            connection = self._conn()
+            connection.send_command(*command)
+            return connection.read_response()
+        except redis.RedisError:
+            self.reset()
+            raise
