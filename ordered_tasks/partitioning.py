@@ -17,6 +17,7 @@ Nothing here uses Python's :func:`hash`, which is salted per process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from typing import Union
@@ -83,7 +84,13 @@ def jump_hash(key: int, buckets: int) -> int:
 
 def partition_of(key: object, partitions: int) -> int:
     """Partition of ``key`` among ``partitions`` partitions (pure, settings-free)."""
-    return jump_hash(key_hash(canonical_key(key)), partitions)
+    return _partition_of_canonical(canonical_key(key), partitions)
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition_of_canonical(canonical: str, partitions: int) -> int:
+    """Cached: a publish computes its key's partition twice (router, then publish guard)."""
+    return jump_hash(key_hash(canonical), partitions)
 
 
 def queue_name(prefix: str, partition: int) -> str:

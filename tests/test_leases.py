@@ -205,6 +205,7 @@ def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel
     consumer.consume()
     channel.connection.client.drain_events(timeout=5)  # an ordinary delivery and acknowledgement
     assert received == ["1"] and len(while_running[0]) == 1  # recorded by the script alone
+    channel.flush_acknowledgements()
     assert _unacked(channel, queue) == []
     channel.connection.cycle.on_poll_start()  # fetches "2"; now the worker or Redis dies
     assert channel._in_poll
@@ -233,3 +234,43 @@ def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -
     channel._brpop_start()
     assert channel._in_poll
     consumer.cancel()
+
+
+def test_the_reliable_fetch_takes_one_message_per_queue_and_acknowledges_without_waiting(
+        channel: Any) -> None:
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.fetch import ReliableChannel
+    from ordered_tasks.worker.requeue import requeue_at_head
+
+    channel.__class__ = ReliableChannel
+    first, second = (_queue(f"q-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    _publish(channel, first, "a1", "a2", "a3")
+    _publish(channel, second, "b1")
+    held: list[Any] = []
+    consumer = Consumer(channel, [first, second], accept=["json"],
+                        callbacks=[lambda body, message: held.append(message)])
+    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
+    channel.basic_qos(prefetch_count=10)  # the worker's limit is its partition count
+
+    def drain() -> None:
+        for _ in range(5):
+            try:
+                channel.connection.client.drain_events(timeout=0.3)
+            except TimeoutError:
+                return
+
+    consumer.consume()
+    drain()
+    assert sorted(m.payload for m in held) == ["a1", "b1"]  # not a2: a1 is not acknowledged yet
+    assert channel._size(first.name) == 2
+    held.pop(0 if held[0].payload == "a1" else 1).ack()
+    drain()
+    assert sorted(m.payload for m in held) == ["a2", "b1"]
+    for message in held:
+        message.ack()
+    channel.flush_acknowledgements()
+    assert _unacked(channel, first) == [] and _unacked(channel, second) == []
+    assert channel._size(first.name) == 1
+    consumer.cancel()
+    channel.queue_purge(first.name)

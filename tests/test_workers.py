@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections import defaultdict
@@ -142,3 +144,55 @@ def test_sigterm_stops_cleanly_and_loses_nothing(app: Celery, start_workers: Any
     # not run again, so the count reaches at least every task, and repeats stay within two.
     assert wait_done(results, run, total) >= total
     assert_in_order(results, run, keys=5, per_key=40, redelivered=2)
+
+
+def _unacknowledged(app: Celery) -> dict[str, int]:
+    """Messages handed to a worker and not yet acknowledged, per partition queue."""
+    with app.connection_for_write() as conn:
+        if conn.transport.driver_type == "redis":
+            from kombu.utils.json import loads
+
+            channel = conn.default_channel
+            queues = [loads(p)[2] for p in channel.client.hgetall(channel.unacked_key).values()]
+            return {name: queues.count(name) for name in set(queues)}
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not available to count unacknowledged messages")
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged",
+                          "--no-table-headers"], check=True, capture_output=True, text=True, timeout=60)
+    counts = (line.split("\t") for line in out.stdout.splitlines() if "\t" in line)
+    return {name: int(count) for name, count in counts if int(count)}
+
+
+def test_a_worker_holds_one_message_per_partition(app: Celery, start_workers: Any,
+                                                  results: redis.Redis) -> None:
+    """Other partitions' messages wait in the worker, never a second one of the same partition."""
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.partitioning import queue_name
+
+    run = uuid.uuid4().hex
+    keys: dict[int, str] = {}
+    for n in itertools.count():
+        keys.setdefault(partition_for(f"w{n}"), f"w{n}")
+        if len(keys) == 3:
+            break
+    slow, *others = keys.values()
+    task = app.tasks[ORDERED]
+    task.delay(run, slow, 1, sleep=4.0)
+    for seq in range(1, 6):
+        for key in others:
+            task.delay(run, key, seq)
+    for seq in range(2, 6):
+        task.delay(run, slow, seq)
+    start_workers(1)
+    queues = {queue_name(get_settings().queue_prefix, p) for p in keys}
+    deadline = time.monotonic() + 3.0
+    while True:  # while the slow task runs, the other partitions' next messages arrive
+        held = _unacknowledged(app)
+        assert all(count == 1 for count in held.values()), held
+        if set(held) == queues or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert set(held) == queues, held
+    assert wait_done(results, run, 15) == 15
+    for key in keys.values():
+        assert [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)] == [1, 2, 3, 4, 5]

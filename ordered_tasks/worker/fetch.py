@@ -89,11 +89,16 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         self._acks.send(("ZREM", prefix + channel.unacked_index_key, delivery_tag),
                         ("HDEL", prefix + channel.unacked_key, delivery_tag))
 
-    def close(self) -> None:
+    def flush_acknowledgements(self) -> None:
+        """Wait until Redis has applied the acknowledgements sent so far."""
         if self._acks is not None:
-            try:
-                self._acks.flush()
-            except redis.RedisError:
+            self._acks.flush()
+
+    def close(self) -> None:
+        try:
+            self.flush_acknowledgements()
+        except redis.RedisError:
+            if self._acks is not None:
                 self._acks.reset()
         super().close()
 
