@@ -12,6 +12,7 @@ from .conf import get_settings
 from .exceptions import UnsafeOptionError
 from .options import CONTROL_TASK, KEY_HEADER, PARTITION_HEADER, PUBLISHED_HEADER
 from .partitioning import partition_of
+from .redisclient import reused_client
 from .routing import key_spec_for
 
 
@@ -33,9 +34,11 @@ class PublishGuard:
         qname = queue.name if isinstance(queue, Queue) else queue
         conf = get_settings()
         partition = conf.partition_of_queue(qname) if isinstance(qname, str) else None
-        if partition is not None:
-            headers = self._checked_headers(name, message, qname, partition, headers, conf.partitions)
-        return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
+        if partition is None:
+            return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
+        headers = self._checked_headers(name, message, qname, partition, headers, conf.partitions)
+        with reused_client(getattr(producer, "channel", None)):
+            return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
 
     def _checked_headers(self, name: str, message: Any, qname: str, partition: int,
                          headers: dict[str, Any] | None, partitions: int) -> dict[str, Any]:

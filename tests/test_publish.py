@@ -203,3 +203,39 @@ def test_decorator_accepts_celery_retry_options(app: Celery) -> None:
 def test_retry_outside_a_worker_behaves_as_in_celery(app: Celery) -> None:
     with pytest.raises(Retry):
         app.tasks[ORDERED].retry(countdown=1)
+
+
+def test_ordered_publishes_on_redis_reuse_one_client_object(app: Celery) -> None:
+    from django.conf import settings
+
+    from ordered_tasks.redisclient import reused_client
+
+    task = app.tasks[ORDERED]
+    with app.producer_or_acquire() as producer:
+        channel = producer.channel
+        if app.connection_for_write().transport.driver_type != "redis":
+            with reused_client(channel):  # other transports are left alone
+                assert "_create_client" not in vars(channel)
+            return
+        made: list[Any] = []
+        make = channel.Client
+
+        def counting_client(**kwargs: Any) -> Any:
+            made.append(kwargs)
+            return make(**kwargs)
+
+        channel.Client = counting_client
+        try:
+            for seq in range(1, 21):
+                task.apply_async(kwargs={"run": "r", "key": "acct-9", "seq": seq}, producer=producer)
+            ordered = len(made)
+            app.tasks["tests.testapp.tasks.plain_record"].apply_async(("r", "k", 1), producer=producer)
+            plain = len(made) - ordered
+        finally:
+            del channel.Client
+    assert ordered <= 1  # kombu makes one per command: here one for all 20 publishes
+    assert plain >= 1  # plain tasks keep kombu's behaviour
+    assert "_create_client" not in vars(channel)
+    messages = assert_only_in_partition_of(app, "acct-9", count=20)
+    assert [m.payload[1]["seq"] for m in messages] == list(range(1, 21))
+    assert len(take_all(app, settings.PLAIN_QUEUE)) == 1
