@@ -386,7 +386,7 @@ def plot(results: list[Result], path: Path) -> bool:
     except ImportError:
         return False
     brokers = sorted({r.broker for r in results})
-    fig, axes = plt.subplots(1, len(brokers), figsize=(6 * len(brokers), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(brokers), figsize=(6 * len(brokers), 4.4), squeeze=False)
     for ax, broker in zip(axes[0], brokers, strict=True):
         counts = sorted({r.processes for r in results if r.broker == broker})
         width = 0.8 / len(VARIANTS)
@@ -397,8 +397,9 @@ def plot(results: list[Result], path: Path) -> bool:
         ax.set_xticks(range(len(counts)), [f"{n} process{'es' if n > 1 else ''}" for n in counts])
         ax.set_title(f"Drain throughput on {broker} (tasks/s)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(VARIANTS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return True
