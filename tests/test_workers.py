@@ -195,10 +195,10 @@ def test_a_worker_holds_one_message_per_partition(app: Celery, start_workers: An
     while True:  # while the slow task runs, the other partitions' next messages arrive
         held = _unacknowledged(app)
         assert all(count == 1 for count in held.values()), held
-        if set(held) == queues or time.monotonic() > deadline:
+        if queues <= set(held) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert set(held) == queues, held
+    assert queues <= set(held), held  # (an earlier test's leftovers may add other partitions)
     assert wait_done(results, run, 15) == 15
     for key in keys.values():
         assert [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)] == [1, 2, 3, 4, 5]
