@@ -101,6 +101,13 @@ def purge_all(app: Celery) -> None:
             bound.purge()
 
 
+def unacknowledged_queues(channel: Any) -> list[str]:
+    """The queue of every message a Redis broker holds unacknowledged (one entry per message)."""
+    from kombu.utils.json import loads
+
+    return [loads(p)[2] for p in channel.client.hgetall(channel.unacked_key).values()]
+
+
 def queue_depths(app: Celery) -> dict[str, int]:
     """Messages waiting in each ordered queue.
 
@@ -110,11 +117,7 @@ def queue_depths(app: Celery) -> dict[str, int]:
     depths = {}
     with app.connection_for_write() as conn:
         channel = conn.default_channel
-        unacked: list[str] = []
-        if conn.transport.driver_type == "redis":
-            from kombu.utils.json import loads
-
-            unacked = [loads(p)[2] for p in channel.client.hgetall(channel.unacked_key).values()]
+        unacked = unacknowledged_queues(channel) if conn.transport.driver_type == "redis" else []
         for queue in ordered_queues():
             _, count, _ = queue(channel).queue_declare()
             depths[queue.name] = count + unacked.count(queue.name)

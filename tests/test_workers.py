@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 
 from ordered_tasks import partition_for
-from tests.conftest import queue_depths, wait_done
+from tests.conftest import queue_depths, unacknowledged_queues, wait_done
 
 pytestmark = pytest.mark.integration
 ORDERED = "tests.testapp.tasks.ordered_record"
@@ -153,10 +153,7 @@ def _unacknowledged(app: Celery) -> dict[str, int]:
     conf = get_settings()
     with app.connection_for_write() as conn:
         if conn.transport.driver_type == "redis":
-            from kombu.utils.json import loads
-
-            channel = conn.default_channel
-            queues = [loads(p)[2] for p in channel.client.hgetall(channel.unacked_key).values()]
+            queues = unacknowledged_queues(conn.default_channel)
             counts = [(name, queues.count(name)) for name in set(queues)]
         else:
             if shutil.which("rabbitmqctl") is None:
