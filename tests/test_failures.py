@@ -236,3 +236,19 @@ def test_a_retry_survives_a_restart_of_the_workers(app: Celery, start_workers: A
     start_workers(1)
     eventually(lambda: ran(results, run, key) == [1, 2], what="the retry after the restart")
     assert eventually(lambda: status(key) == "active")
+
+
+def test_other_keys_published_while_a_retry_waits_run_before_it(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    """The retry's wake-up message waits in the worker; the partition's later messages do not wait for it."""
+    slow, *others = same_partition_keys(3)
+    fail(results, run, slow, 1, times=2)  # retried in place after 1 s, then 2 s
+    start_workers(1)
+    publish(app, "autoretry_step", run, (slow, 1))
+    eventually(lambda: status(slow) == "retrying", what="the first failure")
+    publish(app, "autoretry_step", run, *[(k, s) for s in (1, 2) for k in others])
+    assert wait_done(results, run, 5, timeout=60) == 5
+    spans = [entry.split("|") for entry in results.lrange(f"{run}:spans", 0, -1)]
+    slow_start = min(float(s[2]) for s in spans if s[0] == slow)
+    others_end = max(float(s[3]) for s in spans if s[0] != slow)
+    assert others_end < slow_start, "the partition waited for the retry's wake-up"
