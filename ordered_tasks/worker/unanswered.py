@@ -10,14 +10,19 @@ import redis
 
 logger = logging.getLogger(__name__)
 
+#: Replies left unread before a write reads them all (a few bytes each).
+UNREAD_LIMIT = 64
+
 
 class Unanswered:
     """A Redis connection whose writes do not wait a round trip.
 
-    Each write is sent at once and its reply is read before the next
-    command, when it has usually arrived: an error is still logged, one
-    command late. A forked child opens a connection of its own, so that it
-    never reads its parent's replies.
+    Each write is sent at once; the replies are read together once
+    :data:`UNREAD_LIMIT` are waiting, before a read command, or on
+    :meth:`flush`, when they have long arrived: one system call reads them
+    all, and a refused write is still logged, a few commands late. A forked
+    child opens a connection of its own, so that it never reads its
+    parent's replies.
     """
 
     def __init__(self, pool: Any, what: str) -> None:
@@ -56,7 +61,8 @@ class Unanswered:
     def send(self, *commands: tuple[Any, ...]) -> None:
         """Send ``commands`` without waiting; a connection error is raised after a reset."""
         try:
-            self.flush()
+            if self._unread >= UNREAD_LIMIT:
+                self.flush()
             connection = self._conn()
             connection.send_packed_command(connection.pack_commands(commands))
             self._unread += len(commands)
