@@ -252,3 +252,26 @@ def test_other_keys_published_while_a_retry_waits_run_before_it(
     slow_start = min(float(s[2]) for s in spans if s[0] == slow)
     others_end = max(float(s[3]) for s in spans if s[0] != slow)
     assert others_end < slow_start, "the partition waited for the retry's wake-up"
+
+
+def test_with_several_pool_processes_a_blocked_key_is_held_in_every_one_of_them(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    """``--concurrency 2``: whichever pool process runs the key's later messages parks them.
+
+    (That a process reads a partition again after another one changed it is
+    shown deterministically in ``test_guard``; which process Celery picks
+    here is up to its scheduling.)
+    """
+    bad, good = same_partition_keys(2)
+    other = next(k for k in (f"other-{run[:6]}-{n}" for n in range(1000)) if partition_for(k) != partition_for(bad))
+    fail(results, run, bad, 4)
+    start_workers(1, "--concurrency", "2")
+    for seq in range(1, 13):  # another partition keeps one process or the other busy
+        publish(app, "strict_step", run, (bad, seq), (good, seq))
+        app.tasks[T + "ordered_record"].delay(run, other, seq, sleep=0.03)
+    assert wait_done(results, run, 3 + 12 + 12) == 27
+    eventually(lambda: len(parked(bad)) == 9, what="the failed message and the eight behind it")
+    assert ran(results, run, bad) == [1, 2, 3]
+    assert ran(results, run, good) == list(range(1, 13)) and ran(results, run, other) == list(range(1, 13))
+    assert parked(bad) == [("failed", "parked")] + [("key_held", "parked")] * 8
+    assert status(bad) == "blocked"

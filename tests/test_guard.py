@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -368,3 +369,64 @@ def test_retry_with_new_arguments_runs_the_new_ones_in_place(app: Celery, run: s
     assert wake(app, key, partition_for(key)) == "retrying"  # replayed row retries again, rewritten
     assert wake(app, key, partition_for(key)) == "active"
     assert ran(results, run, key) == [201]
+
+
+def test_unanswered_writes_reach_redis_and_their_replies_are_read_together(
+        results: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    from ordered_tasks.worker import unanswered
+
+    key = f"unanswered-{uuid.uuid4().hex[:8]}"
+    writer = unanswered.Unanswered(results.connection_pool, "a test")
+    results.set(f"{key}:string", "x")
+    writer.send(("ZADD", f"{key}:string", 1, "a"))  # refused: wrong type, logged when read
+    for n in range(unanswered.UNREAD_LIMIT - 1):
+        writer.send(("RPUSH", key, n))
+    assert writer._unread == unanswered.UNREAD_LIMIT  # nothing read yet, nothing waited for
+    assert eventually_equal(lambda: results.llen(key), unanswered.UNREAD_LIMIT - 1)
+    assert "refused a write" not in caplog.text
+    writer.send(("RPUSH", key, "last"))  # reads the waiting replies first
+    assert writer._unread == 1 and "refused a write of a test" in caplog.text
+    assert writer.ask("LLEN", key) == unanswered.UNREAD_LIMIT and writer._unread == 0
+    results.delete(key, f"{key}:string")
+
+
+def eventually_equal(read: Any, expected: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while read() != expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_pool_processes_sharing_a_worker_see_each_others_key_changes(
+        django_assert_num_queries: Any) -> None:
+    """Two books stand for two pool processes of one worker, sharing the change counters."""
+    from ordered_tasks.worker.book import KeyBook, Versions
+
+    key = f"shared-{uuid.uuid4().hex[:8]}"
+    partition = partition_for(key)
+    first, second = KeyBook(), KeyBook()
+    versions = Versions(get_settings().partitions)
+    first.share(versions)
+    second.share(versions)
+    assert first.status(key, partition) == second.status(key, partition) == "active"
+    with django_assert_num_queries(0):  # the happy path: no query once a partition is read
+        assert first.status(key, partition) == "active"
+    # The second process blocks the key while running the partition's message...
+    AccountState.objects.create(key=key, partition=partition, status="blocked")
+    second.set(key, partition, "blocked")
+    with django_assert_num_queries(0):
+        assert second.status(key, partition) == "blocked"
+    # ...and the first one, running the partition's next message, reads the partition again.
+    with django_assert_num_queries(1):
+        assert first.status(key, partition) == "blocked"
+    with django_assert_num_queries(0):
+        assert first.status(key, partition) == "blocked"
+    # A book of one process alone (no sharing) would have answered from its stale copy.
+    alone = KeyBook()
+    alone.load(partition)
+    AccountState.objects.filter(key=key).update(status="active")
+    assert alone.status(key, partition) == "blocked"
+    second.set(key, partition, "active")
+    assert first.status(key, partition) == "active"

@@ -52,12 +52,13 @@ def test_hostnames() -> None:
     assert child_hostname("billing", 0) == "billing-0@%h"
 
 
-def test_worker_argv_forces_one_task_at_a_time() -> None:
+def test_worker_argv_sets_the_pool_size_and_prefetch() -> None:
     argv = worker_argv(["o.1", "o.3"], "prefork", "x-0@%h", ["-l", "INFO"])
     assert argv[:9] == ["worker", "--queues", "o.1,o.3", "--concurrency", "1", "--prefetch-multiplier", "1",
                         "--pool", "prefork"]
     assert argv[-2:] == ["-l", "INFO"]
     assert worker_argv(["o.1"], "solo", "x", ["-q", "-E"])[:2] == ["-q", "worker"]
+    assert worker_argv(["o.1"], "prefork", "x", [], concurrency=3)[3:5] == ["--concurrency", "3"]
 
 
 def test_plan_splits_partitions_over_processes(settings) -> None:
@@ -69,12 +70,19 @@ def test_plan_splits_partitions_over_processes(settings) -> None:
     assert first[first.index("--partitions") + 1] == "0,2,4"
     assert first[first.index("--pool") + 1] == "threads"
     assert first[-3:] == ["--", "-l", "INFO"]
+    assert first[first.index("--concurrency") + 1] == "1"
+    pooled = Command().plan({"celery_args": [], "partitions": None, "processes": 2, "concurrency": 3,
+                             "hostname": "o@%h", "pool": "prefork", "app": None})
+    assert [c.argv[c.argv.index("--concurrency") + 1] for c in pooled] == ["3", "3"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--processes", "9"], "more than the 8 partitions"),
     (["--partitions", "0-9"], "outside 0-7"),
-    (["--", "--concurrency", "8"], "one task at a time"),
+    (["--", "--concurrency", "8"], "launcher's own --concurrency"),
+    (["--concurrency", "0"], "at least 1"),
+    (["--pool", "threads", "--concurrency", "2"], "needs the prefork pool"),
+    (["--processes", "4", "--concurrency", "3"], "more than the 2 partitions of a worker"),
 ])
 def test_command_refuses_unsafe_options(argv: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):
@@ -134,7 +142,7 @@ def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
     from celery import Celery
 
     from ordered_tasks import queue_for
-    from ordered_tasks.worker.startup import ORDERED_APPS, RefuseUnsafeConsumers
+    from ordered_tasks.worker.startup import ORDERED_APPS, ORDERED_CONCURRENCY, RefuseUnsafeConsumers
 
     app = Celery("refuse-concurrency", set_as_current=False)
     app.amqp.queues.select_add(queue_for("k"))
@@ -143,6 +151,11 @@ def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
     RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
     with pytest.raises(UnsafeWorkerOptionError, match="concurrency 4"):
         RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
+    ORDERED_CONCURRENCY[app] = 4  # ordered_worker --concurrency 4
+    RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
+    with pytest.raises(UnsafeWorkerOptionError, match="concurrency 1"):
+        RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
+    del ORDERED_CONCURRENCY[app]
     app.conf.worker_prefetch_multiplier = 4
     with pytest.raises(UnsafeWorkerOptionError, match="prefetch multiplier 4"):
         RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))

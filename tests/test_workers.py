@@ -204,3 +204,20 @@ def test_a_worker_holds_one_message_per_partition(app: Celery, start_workers: An
     assert stats["pool"]["max-concurrency"] == 1
     if stats["pool"]["implementation"].endswith("prefork:TaskPool"):
         assert stats["pool"]["writes"]["strategy"] == "fcfs"
+
+
+def test_one_worker_with_several_pool_processes_keeps_order_and_runs_partitions_at_once(
+        app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    run = uuid.uuid4().hex
+    workers = start_workers(1, "--concurrency", "3")
+    total = publish_interleaved(app, run, keys=200, per_key=10, slow=0.005)
+    assert wait_done(results, run, total) == total
+    assert_in_order(results, run, keys=200, per_key=10)
+    assert_partitions_never_overlap(results, run)
+    spans = [entry.split("|") for entry in results.lrange(f"{run}:spans", 0, -1)]
+    assert len({pid for *_, pid in spans}) == 3, "the work was not spread over the pool processes"
+    overlapping = sum(1 for a, b in itertools.pairwise(sorted(spans, key=lambda s: float(s[2])))
+                      if float(b[2]) < float(a[3]))
+    assert overlapping > 0, "no two partitions ran at the same time"
+    [stats] = (app.control.inspect(destination=workers.nodes, timeout=5).stats() or {}).values()
+    assert stats["pool"]["max-concurrency"] == 3

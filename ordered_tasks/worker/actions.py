@@ -72,7 +72,7 @@ def apply_control(app: Celery, key: str, action: str, request_id: int | None,
     if outcome != "applied":
         logger.info("%s of key %r: %s", action, key, outcome)
         return outcome
-    BOOK.set(key, RETRYING)
+    BOOK.set(key, partition, RETRYING)
     status = drain(app, key, partition)
     ControlRequest.objects.filter(pk=request.pk).update(outcome=f"applied; key is {status}")
     return status
@@ -122,11 +122,11 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
             state.status = RETRYING
             state.retry_at = timezone.now()
             state.save(update_fields=["status", "retry_at", "updated_at"])
-        BOOK.set(key, RETRYING)
+        BOOK.set(key, partition, RETRYING)
         publish_control(app, key, WAKE, due=state.retry_at)
         return RETRYING
     store.activate(key, partition)
-    BOOK.set(key, ACTIVE)
+    BOOK.set(key, partition, ACTIVE)
     key_resumed.send(sender=AccountState, key=key, partition=partition)
     return ACTIVE
 

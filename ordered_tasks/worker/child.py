@@ -1,4 +1,4 @@
-"""One ordered worker process: a Celery worker locked to one task at a time.
+"""One ordered worker process: a Celery worker running one task at a time per partition.
 
 Started by the ``ordered_worker`` supervisor as
 ``python -m ordered_tasks.worker.child --partitions 0,2 ... -- [celery flags]``.
@@ -14,39 +14,49 @@ from typing import Any, Sequence
 from celery import Celery, signals
 
 from ..exceptions import UnsafeWorkerOptionError
-from .options import POOLS, check_celery_args
+from .options import POOLS, check_celery_args, check_concurrency
 
 
 def _first_come_first_served(sender: Any = None, **_: object) -> None:
-    """Prefork: hand the pool process its next message while it still runs the current one.
+    """Prefork with one pool process: hand it its next message while it still runs the current one.
 
     Celery's ``fair`` scheduling writes a message to a pool process only
     once the process is idle, so with one process every task waits for a
     round trip between the worker and its pool process. With one process
     there is nothing to be fair about; the messages waiting in the pipe
     belong to other partitions (one unacknowledged message per partition),
-    and if the process dies, Celery hands them to its replacement.
+    and if the process dies, Celery hands them to its replacement. With
+    several processes, ``fair`` keeps a message from waiting behind a long
+    task while another process is idle.
     """
     sender.optimization = "fcfs"
 
 
-def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
-    """Make ``app`` a safe ordered worker for ``partitions``; return the queue names."""
+def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> list[str]:
+    """Make ``app`` a safe ordered worker for ``partitions``; return the queue names.
+
+    With ``concurrency`` above 1 (prefork only), the pool processes run
+    messages of different partitions at once, never two of one partition.
+    """
     from ..conf import get_settings
     from ..plugin import install
     from ..queues import partition_queue
+    from .book import BOOK, Versions
     from .consumer import Leases
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
-    from .startup import ORDERED_APPS
+    from .startup import ORDERED_APPS, ORDERED_CONCURRENCY
 
     install(app)
     ORDERED_APPS[app] = list(partitions)
+    ORDERED_CONCURRENCY[app] = concurrency
     app.conf.worker_consumer = "ordered_tasks.worker.consumer:OrderedConsumer"
     conf = get_settings()
     app.conf.worker_prefetch_multiplier = 1
-    app.conf.worker_concurrency = 1
+    app.conf.worker_concurrency = concurrency
     app.conf.task_acks_late = True
+    if concurrency > 1:
+        BOOK.share(Versions(conf.partitions))  # before the pool processes fork
     queues = [partition_queue(conf.queue_prefix, p) for p in partitions]
     for queue in queues:
         app.amqp.queues.add(queue)
@@ -67,7 +77,8 @@ def configure(app: Celery, partitions: Sequence[int]) -> list[str]:
 
         start_reporting(getattr(sender, "hostname", "") or "")
 
-    signals.worker_init.connect(_first_come_first_served, weak=False)
+    if concurrency == 1:
+        signals.worker_init.connect(_first_come_first_served, weak=False)
     signals.worker_ready.connect(recover, weak=False)
     signals.worker_ready.connect(report, weak=False)
     # A pool process must not outlive its worker: it would run on unsupervised.
@@ -95,7 +106,7 @@ QUIET = ("-q", "--quiet")
 
 
 def worker_argv(queues: Sequence[str], pool: str, hostname: str,
-                celery_args: Sequence[str]) -> list[str]:
+                celery_args: Sequence[str], concurrency: int = 1) -> list[str]:
     """The ``celery worker`` arguments of one ordered worker process.
 
     ``-q``/``--quiet`` (no start-up banner) is an option of ``celery`` itself
@@ -103,7 +114,7 @@ def worker_argv(queues: Sequence[str], pool: str, hostname: str,
     """
     quiet = [a for a in celery_args if a in QUIET]
     return [
-        *quiet, "worker", "--queues", ",".join(queues), "--concurrency", "1",
+        *quiet, "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency),
         "--prefetch-multiplier", "1", "--pool", pool, "--hostname", hostname,
         *(a for a in celery_args if a not in QUIET),
     ]
@@ -115,10 +126,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--partitions", required=True)
     parser.add_argument("--pool", choices=POOLS, default="prefork")
     parser.add_argument("--hostname", required=True)
+    parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--app", default=None)
     parser.add_argument("celery_args", nargs="*")
     args = parser.parse_args(argv)
     check_celery_args(args.celery_args)
+    check_concurrency(args.concurrency, args.pool)
 
     import django
 
@@ -127,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     app = find_celery_app(args.app)
     partitions = [int(p) for p in args.partitions.split(",")]
-    queues = configure(app, partitions)
-    app.worker_main(worker_argv(queues, args.pool, args.hostname, args.celery_args))
+    queues = configure(app, partitions, args.concurrency)
+    app.worker_main(worker_argv(queues, args.pool, args.hostname, args.celery_args, args.concurrency))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ def _stop_tasks_step(step: Tasks, c: Any) -> None:
     Tasks.stop(step, c)
 
 
+def _start_tasks_step(step: Tasks, c: Any) -> None:
+    """Start of Celery's ``Tasks`` step, with a prefetch limit of 1 per partition queue on RabbitMQ.
+
+    Celery would allow concurrency times prefetch multiplier unacknowledged
+    messages per consumer; a worker with several pool processes would then
+    run two messages of one partition at once.
+    """
+    if _is_amqp(c):
+        c.initial_prefetch_count = 1
+    Tasks.start(step, c)
+
+
 def _per_consumer_qos(step: Tasks, c: Any) -> bool:
     """Celery's choice of QoS scope, except per consumer (so per partition queue) on RabbitMQ.
 
@@ -86,6 +98,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         _current = weakref.ref(self)
         for step in self.blueprint.steps.values():
             if isinstance(step, Tasks):
+                step.start = MethodType(_start_tasks_step, step)  # type: ignore[method-assign]
                 step.stop = MethodType(_stop_tasks_step, step)  # type: ignore[method-assign]
                 step.qos_global = MethodType(_per_consumer_qos, step)  # type: ignore[method-assign]
 
@@ -147,10 +160,10 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
         requeue_at_head(c)
         self.wake = fetch_reliably(c.task_consumer.channel, c.timer)
-        if self.wake is not None:
-            # The reliable fetch takes at most one message per partition queue.
-            c.qos.value = len(partitions)
-            c.qos.update()
+        # The reliable fetch takes at most one message per partition queue;
+        # kombu's BRPOP does not, so it gets one message in all.
+        c.qos.value = len(partitions) if self.wake is not None else 1
+        c.qos.update()
         for partition in partitions:  # nothing until the leases say so, also after a reconnect
             c.task_consumer.cancel_by_queue(partition_queue(conf.queue_prefix, partition).name)
         _keeper.consuming.clear()

@@ -143,7 +143,7 @@ def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition:
         delivery = Delivery.from_request(task, request, args, kwargs)
         store.schedule_retry(key, partition, due_at=due_at, delivery=delivery, error=error,
                              trace=trace, attempts=retries, retries=retries)
-    BOOK.set(key, RETRYING)
+    BOOK.set(key, partition, RETRYING)
     publish_wake(task.app, key, due_at)
 
 
@@ -172,6 +172,6 @@ def announce_blocked(key: str, partition: int, task_name: str, task_id: str, err
     """The key was just blocked in the database: remember it and send ``key_blocked``."""
     from ..signals import key_blocked
 
-    BOOK.set(key, BLOCKED)
+    BOOK.set(key, partition, BLOCKED)
     key_blocked.send(sender=AccountState, key=key, partition=partition, task_name=task_name,
                      task_id=task_id, exception=error, reason=reason)

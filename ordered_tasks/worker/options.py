@@ -10,9 +10,9 @@ POOLS = ("prefork", "threads", "solo")
 
 #: Celery worker flags the launcher sets itself or refuses, and why.
 FORBIDDEN_FLAGS: dict[str, str] = {
-    "-c": "each ordered worker runs one task at a time; use --processes to add workers",
-    "--concurrency": "each ordered worker runs one task at a time; use --processes to add workers",
-    "--autoscale": "each ordered worker runs one task at a time; use --processes to add workers",
+    "-c": "use the launcher's own --concurrency option (pool processes per worker)",
+    "--concurrency": "use the launcher's own --concurrency option (pool processes per worker)",
+    "--autoscale": "use --processes and --concurrency; a resized pool would change the prefetch",
     "--prefetch-multiplier": "a prefetched message can be overtaken; the launcher sets 1",
     "-Q": "the launcher chooses the partition queues; use --partitions",
     "--queues": "the launcher chooses the partition queues; use --partitions",
@@ -22,7 +22,7 @@ FORBIDDEN_FLAGS: dict[str, str] = {
     "--pool": "use the launcher's own --pool option (prefork, threads or solo)",
     "-B": "run celery beat as its own process",
     "--beat": "run celery beat as its own process",
-    "-O": "the launcher sets the scheduling of its one-task workers",
+    "-O": "the launcher sets the scheduling of its workers' pools",
     "-D": "the launcher supervises its workers; run it under systemd instead of detaching",
     "--detach": "the launcher supervises its workers; run it under systemd instead of detaching",
     "--purge": "purging deletes waiting ordered tasks; nothing may be dropped",
@@ -50,6 +50,17 @@ def check_celery_args(args: Sequence[str]) -> None:
                 f"ordered_worker does not accept the Celery option {flag}: "
                 f"{FORBIDDEN_FLAGS[flag]}."
             )
+
+
+def check_concurrency(concurrency: int, pool: str) -> None:
+    """Refuse a pool size ordered workers cannot run safely."""
+    if concurrency < 1:
+        raise UnsafeWorkerOptionError("--concurrency must be at least 1.")
+    if concurrency > 1 and pool != "prefork":
+        raise UnsafeWorkerOptionError(
+            f"--concurrency {concurrency} needs the prefork pool; with --pool {pool} "
+            "each worker runs one task at a time. Use --processes to add workers."
+        )
 
 
 def parse_partitions(spec: str | None, total: int) -> list[int]:

@@ -13,6 +13,8 @@ from ..exceptions import UnsafeWorkerOptionError
 #: Celery apps configured by ``ordered_worker``, with their partitions
 #: (see :func:`~ordered_tasks.worker.child.configure`).
 ORDERED_APPS: weakref.WeakKeyDictionary[Celery, list[int]] = weakref.WeakKeyDictionary()
+#: The pool size ``ordered_worker`` chose for each of those apps.
+ORDERED_CONCURRENCY: weakref.WeakKeyDictionary[Celery, int] = weakref.WeakKeyDictionary()
 
 
 def consumed_partition_queues(app: Celery) -> list[str]:
@@ -48,9 +50,11 @@ class RefuseUnsafeConsumers(bootsteps.Step):  # type: ignore[misc]
                 "and task_queues, and run 'python manage.py ordered_worker' for them."
             )
         prefetch = app.conf.worker_prefetch_multiplier
-        if worker.concurrency != 1 or prefetch != 1:
+        expected = ORDERED_CONCURRENCY.get(app, 1)
+        if worker.concurrency != expected or prefetch != 1:
             raise UnsafeWorkerOptionError(
-                f"An ordered worker must run one task at a time with prefetch 1; this one has "
-                f"concurrency {worker.concurrency} and prefetch multiplier {prefetch}. Do not "
-                "override them (settings, -c, --prefetch-multiplier)."
+                f"An ordered worker must run with concurrency {expected} (ordered_worker "
+                f"--concurrency) and prefetch 1; this one has concurrency {worker.concurrency} "
+                f"and prefetch multiplier {prefetch}. Do not override them (settings, -c, "
+                "--autoscale, --prefetch-multiplier)."
             )

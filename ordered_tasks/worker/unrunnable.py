@@ -68,5 +68,5 @@ def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
         announce_blocked(delivery.key, delivery.partition, delivery.task_name, delivery.task_id, error,
                          reason)
     else:
-        BOOK.set(delivery.key, state.status)
+        BOOK.set(delivery.key, delivery.partition, state.status)
     return state.status

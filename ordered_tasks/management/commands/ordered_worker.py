@@ -11,10 +11,11 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ordered_tasks.conf import get_settings
-from ordered_tasks.exceptions import OrderedTaskError
+from ordered_tasks.exceptions import OrderedTaskError, UnsafeWorkerOptionError
 from ordered_tasks.worker.options import (
     POOLS,
     check_celery_args,
+    check_concurrency,
     child_hostname,
     parse_partitions,
     split_partitions,
@@ -27,7 +28,7 @@ class Command(BaseCommand):
 
     help = (
         "Run Celery workers for the ordered partition queues, one task at a time per "
-        "worker, and supervise them. Safe Celery worker options go after '--', for "
+        "partition, and supervise them. Safe Celery worker options go after '--', for "
         "example: ordered_worker --processes 4 -- --loglevel INFO -E"
     )
 
@@ -38,8 +39,10 @@ class Command(BaseCommand):
                             help="Worker processes to split them over "
                                  "(default: CPU count, at most one per partition).")
         parser.add_argument("--pool", choices=POOLS, default="prefork",
-                            help="Celery pool of each worker, always with one slot "
-                                 "(default: prefork).")
+                            help="Celery pool of each worker (default: prefork).")
+        parser.add_argument("--concurrency", type=int, default=1,
+                            help="Pool processes per worker, each running a different "
+                                 "partition's task (prefork only; default: 1).")
         parser.add_argument("--hostname", default="ordered@%h",
                             help="Node name template; worker i gets NAME-i@HOST "
                                  "(default: ordered@%%h).")
@@ -68,13 +71,22 @@ class Command(BaseCommand):
         check_celery_args(celery_args)
         conf = get_settings()
         partitions = parse_partitions(options["partitions"], conf.partitions)
-        processes = options["processes"] or min(os.cpu_count() or 1, len(partitions))
+        concurrency = options.get("concurrency", 1)
+        check_concurrency(concurrency, options["pool"])
+        processes = options["processes"] or max(1, min(os.cpu_count() or 1, len(partitions)) // concurrency)
+        groups = split_partitions(partitions, processes)
+        if concurrency > min(len(group) for group in groups):
+            raise UnsafeWorkerOptionError(
+                f"--concurrency {concurrency} is more than the {min(len(g) for g in groups)} "
+                "partitions of a worker; a worker runs one task per partition at a time, so "
+                "the extra pool processes would sit idle. Lower --concurrency or --processes."
+            )
         children = []
-        for index, group in enumerate(split_partitions(partitions, processes)):
+        for index, group in enumerate(groups):
             name = child_hostname(options["hostname"], index)
             argv = [sys.executable, "-m", "ordered_tasks.worker.child",
                     "--partitions", ",".join(map(str, group)), "--pool", options["pool"],
-                    "--hostname", name]
+                    "--hostname", name, "--concurrency", str(concurrency)]
             if options["app"]:
                 argv += ["--app", options["app"]]
             children.append(Child(name=name, argv=[*argv, "--", *celery_args]))
