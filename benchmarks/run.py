@@ -6,6 +6,7 @@ Run from the repository root (Redis, RabbitMQ and PostgreSQL on localhost)::
     python benchmarks/run.py                 # both brokers, 1, 2 and 4 processes, 3 repetitions
     python benchmarks/run.py --quick         # Redis only, 2 processes, fewer tasks, once
     python benchmarks/run.py --ordered-pool solo --variants ordered   # another pool
+    python benchmarks/run.py --ordered-layout workers --variants ordered   # N workers of 1 process
 
 It prints a table, writes ``benchmarks/results.json`` and, with matplotlib,
 ``docs/_static/benchmarks.png``. Every variant runs in the same invocation,
@@ -97,11 +98,20 @@ def _create_database() -> None:
             admin.execute(f'CREATE DATABASE "{name}"')
 
 
-def _worker_command(variant: str, processes: int, pool: str) -> list[str]:
+def _worker_command(variant: str, processes: int, pool: str, layout: str = "pool") -> list[str]:
+    """The command of a variant's workers.
+
+    Ordered workers, layout ``pool``: one worker with ``processes`` pool
+    processes (``--concurrency``), like the plain workers; layout
+    ``workers``: ``processes`` workers of one pool process each.
+    """
     quiet = ["--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if variant == "ordered":
-        return [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes),
-                "--pool", pool, "--", *quiet]
+        if layout == "pool" and pool == "prefork":
+            shape = ["--processes", "1", "--concurrency", str(processes)]
+        else:
+            shape = ["--processes", str(processes)]
+        return [sys.executable, "-m", "django", "ordered_worker", *shape, "--pool", pool, "--", *quiet]
     base = [sys.executable, "-m", "celery", "-A", "bench_project.celery:app", "worker",
             "-c", str(processes), *quiet]
     if variant == "default":
@@ -204,7 +214,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def measure(app: Any, broker: str, variant: str, processes: int, tasks: int, keys: int,
-            latency_rate: float, latency_seconds: float, pool: str = "prefork") -> Result:
+            latency_rate: float, latency_seconds: float, pool: str = "prefork",
+            layout: str = "pool") -> Result:
     """One variant: publish a backlog, start the workers, drain it, then a steady-state latency run.
 
     ``latency_seconds=0`` skips the latency run.
@@ -220,7 +231,7 @@ def measure(app: Any, broker: str, variant: str, processes: int, tasks: int, key
     per_key = tasks // keys
     total = per_key * keys
     result.publish_per_s = total / _publish(app, task, run, keys, per_key)
-    worker = subprocess.Popen(_worker_command(variant, processes, pool), cwd=ROOT,
+    worker = subprocess.Popen(_worker_command(variant, processes, pool, layout), cwd=ROOT,
                               env=_env(app.conf.broker_url), stdout=subprocess.DEVNULL,
                               start_new_session=True)
     try:
@@ -354,7 +365,7 @@ def _ratio(results: list[Result], r: Result, variant: str) -> str:
 
 
 def rst_table(results: list[Result], overhead: dict[str, float], publish: dict[str, dict[str, float]],
-              repeat: int, pool: str) -> str:
+              repeat: int, pool: str, layout: str = "pool") -> str:
     """The results as the reStructuredText the benchmarks page includes."""
     header = ["broker", "variant", "procs", "publish/s", "drain/s", "vs default", "vs safe",
               "p50 ms", "p99 ms", "order violations", "RSS MB"]
@@ -365,7 +376,12 @@ def rst_table(results: list[Result], overhead: dict[str, float], publish: dict[s
                         f"{r.rss_mb:.0f}"] for r in results]
     for row in rows:
         lines += [f"   * - {row[0]}", *(f"     - {cell}" for cell in row[1:])]
-    lines += ["", f"Drain rates are the median of {repeat} runs; ordered workers use the ``{pool}`` pool.",
+    if layout == "pool" and pool == "prefork":
+        shape = ("one worker whose pool has as many processes as the plain workers' "
+                 "(``ordered_worker --processes 1 --concurrency N``)")
+    else:
+        shape = "as many workers as the plain workers have pool processes (``ordered_worker --processes N``)"
+    lines += ["", f"Drain rates are the median of {repeat} runs. Ordered: {shape}, ``{pool}`` pool.",
               "", f"The guard, in-process: a plain task took {overhead['plain']:.0f} µs, an ordered "
               f"task {overhead['ordered']:.0f} µs, so the guard costs about "
               f"**{overhead['overhead']:.0f} µs per task**."]
@@ -416,7 +432,7 @@ def _one_broker(args: argparse.Namespace) -> int:
             for variant in args.variants:
                 result = measure(app, args.one_broker, variant, processes, args.tasks, args.keys,
                                  args.latency_rate, args.latency_seconds if repetition == 0 else 0.0,
-                                 args.ordered_pool)
+                                 args.ordered_pool, args.ordered_layout)
                 print(json.dumps(asdict(result)), flush=True)
                 runs[processes, variant].append(result)
     results = [combine(cell) for cell in runs.values()]
@@ -439,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="drain runs per cell; the table shows their median (latency: first run)")
     parser.add_argument("--ordered-pool", choices=("prefork", "threads", "solo"), default="prefork",
                         help="pool of the ordered workers")
+    parser.add_argument("--ordered-layout", choices=("pool", "workers"), default="pool",
+                        help="ordered workers with N processes: one worker with N pool processes "
+                             "(prefork only), or N workers of one process each")
     parser.add_argument("--quick", action="store_true", help="Redis, 2 processes, 1,000 tasks")
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "_static" / "benchmarks.png")
@@ -460,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--processes", *map(str, args.processes), "--variants", *args.variants,
                    "--tasks", str(args.tasks), "--keys", str(args.keys),
                    "--latency-rate", str(args.latency_rate), "--latency-seconds", str(args.latency_seconds),
-                   "--repeat", str(args.repeat), "--ordered-pool", args.ordered_pool]
+                   "--repeat", str(args.repeat), "--ordered-pool", args.ordered_pool,
+                   "--ordered-layout", args.ordered_layout]
         subprocess.run(command, check=True)
         data = json.loads(part.read_text())
         part.unlink()
@@ -476,9 +496,11 @@ def main(argv: list[str] | None = None) -> int:
               f"ordered {cost['ordered']} µs per message, ordered/plain rate {cost['ratio']}x")
     args.output.write_text(json.dumps({"results": [asdict(r) for r in results], "guard_us": overhead,
                                        "publish_us": publish, "ordered_pool": args.ordered_pool,
+                                       "ordered_layout": args.ordered_layout,
                                        "machine": {"cpus": os.cpu_count()}},
                                       indent=2) + "\n")
-    args.rst.write_text(rst_table(results, overhead, publish, args.repeat, args.ordered_pool))
+    args.rst.write_text(rst_table(results, overhead, publish, args.repeat, args.ordered_pool,
+                                  args.ordered_layout))
     if plot(results, args.plot):
         print(f"plot written to {args.plot}")
     return 0
