@@ -46,10 +46,10 @@ class Ledger:
     def record(self, partition: int, task_id: str) -> None:
         """Note that ``task_id`` completed; a failure is logged.
 
-        The command is sent without waiting for its reply, which is read
-        before the next command: the task's acknowledgement does not wait a
-        round trip, and the write has left the process before the task
-        returns, so it reaches Redis even if the worker dies right after.
+        The command is sent without waiting for its reply (replies are read
+        in batches, see :class:`Unanswered`): the task's acknowledgement does
+        not wait a round trip, and the write has left the process before the
+        task returns, so it reaches Redis even if the worker dies right after.
         """
         key = self._key(partition)
         self.writes += 1
