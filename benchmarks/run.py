@@ -98,6 +98,11 @@ def _create_database() -> None:
             admin.execute(f'CREATE DATABASE "{name}"')
 
 
+def _one_pooled_worker(pool: str, layout: str) -> bool:
+    """Whether the ordered workers run as one worker with N pool processes (else N workers)."""
+    return layout == "pool" and pool == "prefork"
+
+
 def _worker_command(variant: str, processes: int, pool: str, layout: str = "pool") -> list[str]:
     """The command of a variant's workers.
 
@@ -107,7 +112,7 @@ def _worker_command(variant: str, processes: int, pool: str, layout: str = "pool
     """
     quiet = ["--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if variant == "ordered":
-        if layout == "pool" and pool == "prefork":
+        if _one_pooled_worker(pool, layout):
             shape = ["--processes", "1", "--concurrency", str(processes)]
         else:
             shape = ["--processes", str(processes)]
@@ -376,7 +381,7 @@ def rst_table(results: list[Result], overhead: dict[str, float], publish: dict[s
                         f"{r.rss_mb:.0f}"] for r in results]
     for row in rows:
         lines += [f"   * - {row[0]}", *(f"     - {cell}" for cell in row[1:])]
-    if layout == "pool" and pool == "prefork":
+    if _one_pooled_worker(pool, layout):
         shape = ("one worker whose pool has as many processes as the plain workers' "
                  "(``ordered_worker --processes 1 --concurrency N``)")
     else:

@@ -75,9 +75,10 @@ class Command(BaseCommand):
         check_concurrency(concurrency, options["pool"])
         processes = options["processes"] or max(1, min(os.cpu_count() or 1, len(partitions)) // concurrency)
         groups = split_partitions(partitions, processes)
-        if concurrency > min(len(group) for group in groups):
+        smallest = min(len(group) for group in groups)
+        if concurrency > smallest:
             raise UnsafeWorkerOptionError(
-                f"--concurrency {concurrency} is more than the {min(len(g) for g in groups)} "
+                f"--concurrency {concurrency} is more than the {smallest} "
                 "partitions of a worker; a worker runs one task per partition at a time, so "
                 "the extra pool processes would sit idle. Lower --concurrency or --processes."
             )
