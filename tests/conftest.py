@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,17 @@ def start_workers(app: Celery, broker: str, shared_db: None) -> Iterator[Any]:
     for workers in started:
         with contextlib.suppress(Exception):
             workers.stop()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """Poll ``check`` until it returns something true (returned), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
+        time.sleep(0.1)
 
 
 def wait_done(results: redis.Redis, run: str, total: int, timeout: float = 120.0) -> int:

@@ -15,8 +15,9 @@ from django.contrib.auth.models import User
 
 from ordered_tasks import partition_for
 from ordered_tasks.models import PartitionStatus
+from tests.conftest import eventually
 from tests.services import in_ci
-from tests.test_failures import eventually, parked, publish, status
+from tests.test_failures import parked, publish, status
 from tests.test_guard import fail, ran
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -17,21 +16,11 @@ from ordered_tasks import partition_for, replay
 from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.queues import partition_queue
-from tests.conftest import wait_done
+from tests.conftest import eventually, wait_done
 from tests.test_guard import fail, ran, same_partition_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_db")]
 T = "tests.testapp.tasks."
-
-
-def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
-        time.sleep(0.1)
 
 
 def publish(app: Celery, name: str, run: str, *pairs: tuple[str, int]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -25,6 +24,7 @@ from ordered_tasks.signals import key_blocked, key_resumed
 from ordered_tasks.worker.actions import apply_control, wake
 from ordered_tasks.worker.book import BOOK
 from ordered_tasks.worker.delivery import Delivery
+from tests.conftest import eventually
 from tests.testapp.celery import app as celery_app
 
 pytestmark = pytest.mark.django_db
@@ -382,21 +382,13 @@ def test_unanswered_writes_reach_redis_and_their_replies_are_read_together(
     for n in range(unanswered.UNREAD_LIMIT - 1):
         writer.send(("RPUSH", key, n))
     assert writer._unread == unanswered.UNREAD_LIMIT  # nothing read yet, nothing waited for
-    assert eventually_equal(lambda: results.llen(key), unanswered.UNREAD_LIMIT - 1)
+    eventually(lambda: results.llen(key) == unanswered.UNREAD_LIMIT - 1, timeout=5.0,
+               what="the unanswered writes to reach Redis")
     assert "refused a write" not in caplog.text
     writer.send(("RPUSH", key, "last"))  # reads the waiting replies first
     assert writer._unread == 1 and "refused a write of a test" in caplog.text
     assert writer.ask("LLEN", key) == unanswered.UNREAD_LIMIT and writer._unread == 0
     results.delete(key, f"{key}:string")
-
-
-def eventually_equal(read: Any, expected: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while read() != expected:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_pool_processes_sharing_a_worker_see_each_others_key_changes(
