@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 from typing import Any
 
@@ -16,6 +18,7 @@ from ordered_tasks import partition_for, replay
 from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.queues import partition_queue
+from ordered_tasks.worker.leases import LeaseKeeper
 from tests.conftest import eventually, wait_done
 from tests.test_guard import fail, ran, same_partition_keys
 
@@ -264,3 +267,43 @@ def test_with_several_pool_processes_a_blocked_key_is_held_in_every_one_of_them(
     assert ran(results, run, good) == list(range(1, 13)) and ran(results, run, other) == list(range(1, 13))
     assert parked(bad) == [("failed", "parked")] + [("key_held", "parked")] * 8
     assert status(bad) == "blocked"
+
+
+def _hand_partition_to_another_worker_and_back(app: Celery, broker_url: str, partition: int) -> None:
+    """The worker loses ``partition`` for a moment and gets it back, as when another worker had it meanwhile.
+
+    Redis: another owner takes the lease for 3 seconds. RabbitMQ: the
+    worker's connection closes, so the queue's single active consumer
+    moves, and the worker reconnects.
+    """
+    if broker_url.startswith("redis"):
+        conf = get_settings()
+        client = redis.Redis.from_url(conf.coordination_url(broker_url) or broker_url)
+        keeper = LeaseKeeper(client, conf.queue_prefix, [])
+        fence = int(client.get(keeper.fence_key(partition)) or 0)
+        client.set(keeper.lease_key(partition), "another-worker", px=3000)
+        eventually(lambda: int(client.get(keeper.fence_key(partition)) or 0) > fence,
+                   what="the worker to take its lease back")
+        return
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not available to close the worker's connection")
+    subprocess.run(["rabbitmqctl", "close_all_connections", "test: partition handed over"],
+                   check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.restarts_broker
+def test_a_worker_that_gets_a_partition_back_reads_its_key_states_again(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis, run: str) -> None:
+    """Key states another worker changed while this one had lost the partition are not answered from memory."""
+    key = same_partition_keys(1)[0]
+    start_workers(1)
+    publish(app, "strict_step", run, (key, 1))
+    assert wait_done(results, run, 1) == 1  # the worker's book now has the partition: key active
+    # Meanwhile another worker held the partition, and a message of the key failed there.
+    AccountState.objects.create(key=key, partition=partition_for(key), status="blocked")
+    _hand_partition_to_another_worker_and_back(app, broker, partition_for(key))
+    publish(app, "strict_step", run, (key, 2))
+    eventually(lambda: parked(key) or ran(results, run, key) != [1], timeout=60,
+               what="the message of a key blocked meanwhile to be parked or run")
+    assert ran(results, run, key) == [1], "ran although its key was blocked"
+    assert parked(key) == [("key_held", "parked")]

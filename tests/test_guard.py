@@ -422,3 +422,59 @@ def test_pool_processes_sharing_a_worker_see_each_others_key_changes(
     assert alone.status(key, partition) == "blocked"
     second.set(key, partition, "active")
     assert first.status(key, partition) == "active"
+
+
+def test_a_partition_the_worker_gets_back_is_read_again(django_assert_num_queries: Any) -> None:
+    """Another worker may change key states while this one lost the partition (a new connection, a lease)."""
+    from ordered_tasks.worker.book import KeyBook, Versions
+
+    key = f"regained-{uuid.uuid4().hex[:8]}"
+    partition = partition_for(key)
+    versions = Versions(get_settings().partitions)
+    book = KeyBook()
+    book.share(versions, [partition])
+    versions.arrived(partition)  # the main process, for each message before the pool runs it
+    assert book.status(key, partition) == "active"
+    # Meanwhile another worker held the partition and blocked the key.
+    AccountState.objects.create(key=key, partition=partition, status="blocked")
+    versions.arrived(partition)
+    with django_assert_num_queries(0):  # the same tenure: the book cannot know
+        assert book.status(key, partition) == "active"
+    versions.new_tenure()  # a new broker connection (a lease acquired: new_tenure([partition]))
+    with django_assert_num_queries(0):  # nothing of the partition arrived yet
+        assert book.status(key, partition) == "active"
+    versions.arrived(partition)
+    with django_assert_num_queries(1):
+        assert book.status(key, partition) == "blocked"
+    versions.arrived(partition)
+    versions.new_tenure([partition + 1])  # another partition's lease: this one stays current
+    versions.arrived(partition)
+    with django_assert_num_queries(0):
+        assert book.status(key, partition) == "blocked"
+
+
+def test_one_query_reads_every_out_of_date_partition_of_the_worker(django_assert_num_queries: Any) -> None:
+    from ordered_tasks.worker.book import KeyBook, Versions
+
+    partitions = list(range(min(4, get_settings().partitions)))
+    tag = uuid.uuid4().hex[:8]
+    names = (f"wide-{tag}-{n}" for n in range(10_000))
+    keys: dict[int, str] = {}
+    for name in names:
+        keys.setdefault(partition_for(name), name)
+        if all(p in keys for p in partitions):
+            break
+    held = partitions[-1]
+    AccountState.objects.create(key=keys[held], partition=held, status="retrying")
+    versions = Versions(get_settings().partitions)
+    book = KeyBook()
+    book.share(versions, partitions)
+    with django_assert_num_queries(1):  # a pool process's first message reads all the worker's partitions
+        assert book.status(keys[partitions[0]], partitions[0]) == "active"
+    with django_assert_num_queries(0):
+        assert [book.status(keys[p], p) for p in partitions] == ["active"] * (len(partitions) - 1) + ["retrying"]
+    versions.arrived(held)  # the first message of a tenure: that partition alone is out of date
+    with django_assert_num_queries(1):
+        assert book.status(keys[held], held) == "retrying"
+    with django_assert_num_queries(0):
+        assert [book.status(keys[p], p) for p in partitions] == ["active"] * (len(partitions) - 1) + ["retrying"]

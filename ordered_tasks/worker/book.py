@@ -4,77 +4,129 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterable
 
 from ..models import ACTIVE
 
 _COUNTER = struct.Struct("Q")
+#: A partition's stamp: how many times its key states changed, and how many
+#: times this worker (re)gained it.
+Stamp = tuple[int, int]
 
 
 class Versions:
-    """One change counter per partition, in memory shared by a worker and its pool processes.
+    """Two counters per partition, in memory shared by a worker and its pool processes.
 
     Made before the pool forks, so that every pool process (also one that
-    replaces a dead one) sees the same counters. Only the process running a
-    partition's message changes the partition's key states, and a partition
-    has one message in the worker at a time, so no two processes bump the
-    same counter at once.
+    replaces a dead one) sees the same counters:
+
+    * *changes*: the process that changes a key state of the partition counts
+      it. Only the process running a partition's message does that, and a
+      partition has one message in the worker at a time, so no two
+      processes bump the same counter at once.
+    * *tenures*: the worker's main process counts each time the partition's
+      messages start arriving again after the worker may have lost the
+      partition (a new broker connection, a lease acquired). Another worker
+      may have changed key states meanwhile, so every book reads the
+      partition again.
     """
 
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
-        self._memory = mmap.mmap(-1, _COUNTER.size * max(partitions, 1))
+        self._memory = mmap.mmap(-1, _COUNTER.size * 2 * max(partitions, 1))
+        #: Main process only: the partitions a message arrived from in their current tenure.
+        self._arrived: set[int] = set()
 
-    def get(self, partition: int) -> int:
-        """How many times ``partition``'s key states changed."""
-        if not 0 <= partition < self.partitions:
-            return 0
-        return int(_COUNTER.unpack_from(self._memory, partition * _COUNTER.size)[0])
+    def _count(self, slot: int) -> int:
+        return int(_COUNTER.unpack_from(self._memory, slot * _COUNTER.size)[0])
 
-    def bump(self, partition: int) -> int:
-        """Count a change of ``partition``'s key states; return the new count."""
+    def _increment(self, slot: int) -> None:
+        _COUNTER.pack_into(self._memory, slot * _COUNTER.size, self._count(slot) + 1)
+
+    def get(self, partition: int) -> Stamp:
+        """The stamp of ``partition``: changes of its key states, and tenures."""
         if not 0 <= partition < self.partitions:
-            return 0
-        count = self.get(partition) + 1
-        _COUNTER.pack_into(self._memory, partition * _COUNTER.size, count)
-        return count
+            return (0, 0)
+        return (self._count(2 * partition), self._count(2 * partition + 1))
+
+    def bump(self, partition: int) -> Stamp:
+        """Count a change of ``partition``'s key states; return the new stamp."""
+        if 0 <= partition < self.partitions:
+            self._increment(2 * partition)
+        return self.get(partition)
+
+    def new_tenure(self, partitions: Iterable[int] | None = None) -> None:
+        """Main process: the worker (re)gains ``partitions`` (None: all, a new connection).
+
+        Their next message starts a new tenure (see :meth:`arrived`).
+        """
+        if partitions is None:
+            self._arrived.clear()
+        else:
+            self._arrived.difference_update(partitions)
+
+    def arrived(self, partition: int) -> None:
+        """Main process, before the message goes to a pool process: a message of ``partition`` arrived.
+
+        The first one of a tenure counts a tenure, so that the process that
+        runs it reads the partition's key states again.
+        """
+        if partition not in self._arrived and 0 <= partition < self.partitions:
+            self._arrived.add(partition)
+            self._increment(2 * partition + 1)
 
 
 class KeyBook:
     """Statuses of held keys, per partition, loaded from the database on first use.
 
     Only the consumer of a partition changes the state of its keys, so after
-    one query per partition the book answers from memory: the happy path
-    (an active key) costs no query. A worker with several pool processes
-    shares :class:`Versions` with them: a process whose copy of a partition
-    is older than another process's last change reads the partition again.
+    one query the book answers from memory: the happy path (an active key)
+    costs no query. A worker shares :class:`Versions` with its pool
+    processes: a process whose copy of a partition is older than another
+    process's last change, or than the worker's latest (re)gain of the
+    partition, reads the partition again. One query reads every partition
+    of the worker whose copy is out of date, so a pool process starts with
+    one query rather than one per partition.
     """
 
     def __init__(self) -> None:
         self._held: dict[int, dict[str, str]] = {}
-        self._seen: dict[int, int] = {}
+        self._seen: dict[int, Stamp] = {}
         self.versions: Versions | None = None
+        self.partitions: tuple[int, ...] = ()
 
-    def share(self, versions: Versions) -> None:
-        """Use ``versions``, shared with the other processes of this worker (before they fork)."""
+    def share(self, versions: Versions, partitions: Iterable[int] = ()) -> None:
+        """Use ``versions``, shared with the worker's pool processes (before they fork).
+
+        ``partitions`` are the worker's: a load reads those that are out of date too.
+        """
         self.versions = versions
+        self.partitions = tuple(partitions)
         self.forget()
 
     def status(self, key: str, partition: int) -> str:
         """``"active"``, ``"retrying"`` or ``"blocked"``."""
-        held = self._held.get(partition)
-        versions = self.versions
-        if held is None or (versions is not None and versions.get(partition) != self._seen[partition]):
-            held = self.load(partition)
+        held = self._held[partition] if self._current(partition) else self.load(partition)
         return held.get(key, ACTIVE)
 
+    def _current(self, partition: int) -> bool:
+        """Whether this book's copy of ``partition`` is up to date."""
+        if partition not in self._held:
+            return False
+        return self.versions is None or self.versions.get(partition) == self._seen[partition]
+
     def load(self, partition: int) -> dict[str, str]:
-        """Read the held keys of ``partition`` from the database."""
+        """Read the held keys of ``partition``, and of the worker's other out-of-date partitions."""
         from ..models import AccountState
 
-        self._seen[partition] = self.versions.get(partition) if self.versions is not None else 0
-        rows = AccountState.objects.filter(partition=partition).exclude(status=ACTIVE)
-        held = self._held[partition] = dict(rows.values_list("key", "status"))
-        return held
+        stale = {partition, *(p for p in self.partitions if not self._current(p))}
+        for p in stale:  # the stamp before the query: a change made meanwhile means another read
+            self._seen[p] = self.versions.get(p) if self.versions is not None else (0, 0)
+            self._held[p] = {}
+        rows = AccountState.objects.filter(partition__in=sorted(stale)).exclude(status=ACTIVE)
+        for p, key, status in rows.values_list("partition", "key", "status"):
+            self._held[p][key] = status
+        return self._held[partition]
 
     def set(self, key: str, partition: int, status: str) -> None:
         """Record a status the consumer has just written to the database."""
@@ -85,9 +137,9 @@ class KeyBook:
             else:
                 held[key] = status
         if self.versions is not None:
-            version = self.versions.bump(partition)
-            if held is not None and self._seen.get(partition) == version - 1:
-                self._seen[partition] = version  # nobody else changed it in between
+            changes, tenures = self.versions.bump(partition)
+            if held is not None and self._seen.get(partition) == (changes - 1, tenures):
+                self._seen[partition] = (changes, tenures)  # nobody else changed it in between
             else:
                 self._held.pop(partition, None)  # read again on next use
 

@@ -55,8 +55,7 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     app.conf.worker_prefetch_multiplier = 1
     app.conf.worker_concurrency = concurrency
     app.conf.task_acks_late = True
-    if concurrency > 1:
-        BOOK.share(Versions(conf.partitions))  # before the pool processes fork
+    BOOK.share(Versions(conf.partitions), partitions)  # before the pool processes fork
     queues = [partition_queue(conf.queue_prefix, p) for p in partitions]
     for queue in queues:
         app.amqp.queues.add(queue)

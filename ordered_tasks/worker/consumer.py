@@ -15,6 +15,7 @@ from celery.worker.consumer.tasks import Tasks
 from ..conf import get_settings
 from ..models import ParkedMessage
 from ..queues import partition_queue
+from .book import BOOK
 from .fetch import fetch_reliably
 from .leases import LEASE_TICK, LeaseKeeper
 from .requeue import requeue_at_head
@@ -67,6 +68,8 @@ def _start_tasks_step(step: Tasks, c: Any) -> None:
     """
     if _is_amqp(c):
         c.initial_prefetch_count = 1
+    if BOOK.versions is not None:  # a new connection: another worker may have had the partitions
+        BOOK.versions.new_tenure()
     Tasks.start(step, c)
 
 

@@ -15,6 +15,7 @@ from kombu.utils.json import loads
 
 from ..partitioning import queue_name
 from ..queues import partition_queue
+from .book import BOOK
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ class LeaseKeeper:
             # delivered but not run, or run but with the acknowledgement lost with the
             # connection. The completion ledger recognises the ones that already ran.
             restored = restore_to_head(task_consumer.channel, queue.name)
+            if BOOK.versions is not None:  # another worker may have changed its key states
+                BOOK.versions.new_tenure([partition])
             if not task_consumer.consuming_from(queue.name):
                 task_consumer.add_queue(queue)
                 task_consumer.consume()

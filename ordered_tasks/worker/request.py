@@ -14,6 +14,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from ..models import ParkedMessage
 from ..options import PARTITION_HEADER
+from .book import BOOK
 from .consumer import current_keeper, current_pool
 from .delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY
 from .figures import FIGURES
@@ -24,6 +25,13 @@ logger = logging.getLogger(__name__)
 #: Times a message is run again after its pool process died, before it is parked.
 MAX_RERUNS = 2
 _LOST: dict[str, int] = {}
+
+
+def _partition(entries: dict[str, Any]) -> int:
+    try:
+        return int(entries.get(PARTITION_HEADER, -1))
+    except (TypeError, ValueError):
+        return -1
 
 
 class OrderedRequest(Request):  # type: ignore[misc]
@@ -42,9 +50,12 @@ class OrderedRequest(Request):  # type: ignore[misc]
         super().__init__(message, *args, **kwargs)
         entries = self._request_dict  # type: ignore[attr-defined]
         entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
+        partition = _partition(entries)
+        if BOOK.versions is not None:
+            BOOK.versions.arrived(partition)
         keeper = current_keeper()
         if keeper is not None:
-            entries[FENCE_ENTRY] = keeper.fence_of(int(entries.get(PARTITION_HEADER, -1)))
+            entries[FENCE_ENTRY] = keeper.fence_of(partition)
 
     def acknowledge(self) -> None:
         if not self._parking:
