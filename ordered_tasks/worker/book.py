@@ -143,6 +143,16 @@ class KeyBook:
             else:
                 self._held.pop(partition, None)  # read again on next use
 
+    def new_tenure(self, partitions: Iterable[int] | None = None) -> None:
+        """Main process: see :meth:`Versions.new_tenure` (nothing to do without shared counters)."""
+        if self.versions is not None:
+            self.versions.new_tenure(partitions)
+
+    def arrived(self, partition: int) -> None:
+        """Main process: see :meth:`Versions.arrived` (nothing to do without shared counters)."""
+        if self.versions is not None:
+            self.versions.arrived(partition)
+
     def forget(self) -> None:
         """Drop everything (the next message of each partition reloads it)."""
         self._held.clear()

@@ -68,8 +68,7 @@ def _start_tasks_step(step: Tasks, c: Any) -> None:
     """
     if _is_amqp(c):
         c.initial_prefetch_count = 1
-    if BOOK.versions is not None:  # a new connection: another worker may have had the partitions
-        BOOK.versions.new_tenure()
+    BOOK.new_tenure()  # a new connection: another worker may have had the partitions
     Tasks.start(step, c)
 
 

@@ -129,8 +129,7 @@ class LeaseKeeper:
             # delivered but not run, or run but with the acknowledgement lost with the
             # connection. The completion ledger recognises the ones that already ran.
             restored = restore_to_head(task_consumer.channel, queue.name)
-            if BOOK.versions is not None:  # another worker may have changed its key states
-                BOOK.versions.new_tenure([partition])
+            BOOK.new_tenure([partition])  # another worker may have changed its key states
             if not task_consumer.consuming_from(queue.name):
                 task_consumer.add_queue(queue)
                 task_consumer.consume()

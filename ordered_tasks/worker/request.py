@@ -51,8 +51,7 @@ class OrderedRequest(Request):  # type: ignore[misc]
         entries = self._request_dict  # type: ignore[attr-defined]
         entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
         partition = _partition(entries)
-        if BOOK.versions is not None:
-            BOOK.versions.arrived(partition)
+        BOOK.arrived(partition)
         keeper = current_keeper()
         if keeper is not None:
             entries[FENCE_ENTRY] = keeper.fence_of(partition)

@@ -37,8 +37,7 @@ def hand_over(pool: Any, message: Any, reason: str, error: str,
     partition = partition_of_message(message)
     if partition is None:
         return False
-    if BOOK.versions is not None:
-        BOOK.versions.arrived(partition)
+    BOOK.arrived(partition)
     delivery = Delivery.from_message(message, partition)
     logger.error("Parking message %s of key %r (%s): %s", delivery.task_id or "?", delivery.key,
                  reason, error)
