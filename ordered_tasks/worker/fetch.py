@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -95,11 +96,8 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._acks.flush()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(redis.RedisError):  # the connection is reset
             self.flush_acknowledgements()
-        except redis.RedisError:
-            if self._acks is not None:
-                self._acks.reset()
         super().close()
 
     def _brpop_read(self, **options: Any) -> Any:

@@ -49,14 +49,21 @@ class Unanswered:
         self._unread = 0
 
     def flush(self) -> None:
-        """Read the replies of the writes sent so far; a refused write is logged."""
-        connection = self._conn()
-        while self._unread:
-            self._unread -= 1
-            try:
-                connection.read_response()
-            except redis.ResponseError as exc:
-                logger.warning("Redis refused a write of %s: %r", self.what, exc)
+        """Read the replies of the writes sent so far; a refused write is logged.
+
+        A connection error is raised after a reset, as in :meth:`send` and :meth:`ask`.
+        """
+        try:
+            connection = self._conn()
+            while self._unread:
+                self._unread -= 1
+                try:
+                    connection.read_response()
+                except redis.ResponseError as exc:
+                    logger.warning("Redis refused a write of %s: %r", self.what, exc)
+        except redis.RedisError:
+            self.reset()
+            raise
 
     def send(self, *commands: tuple[Any, ...]) -> None:
         """Send ``commands`` without waiting; a connection error is raised after a reset."""
