@@ -69,6 +69,8 @@ CELERY_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/14
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+if os.environ.get("TEST_HEALTH_CHECK_INTERVAL"):  # kombu's Redis default is 25 s
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"health_check_interval": int(os.environ["TEST_HEALTH_CHECK_INTERVAL"])}
 PLAIN_QUEUE = os.environ.get("TEST_PLAIN_QUEUE", "tests.plain")
 CELERY_TASK_ROUTES = {"tests.testapp.tasks.plain_record": {"queue": PLAIN_QUEUE}}
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual.base import QoS as VirtualQoS
 
 from .unanswered import Unanswered
+
+logger = logging.getLogger(__name__)
 
 #: Kombu's reading of the reply, which is the same for the script as for ``BRPOP``.
 _Channel: Any = kombu_redis.Channel
@@ -18,6 +22,8 @@ _read_reply: Any = _Channel._brpop_read
 
 #: Seconds an ordered worker waits before fetching again after finding its queues empty.
 IDLE_WAIT = 0.02
+#: Seconds between two attempts to send acknowledgements that Redis did not take.
+ACK_RETRY = 1.0
 
 #: Pop the first message of the first non-empty queue and record it as unacknowledged,
 #: in one step. KEYS: the queues, then kombu's unacked hash and unacked index.
@@ -59,6 +65,9 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
 
     _idle_until = 0.0
     _acks: Unanswered | None = None
+    _ack_retry_at = 0.0
+    #: Delivery tags whose acknowledgement could not be sent (sent again by the timer).
+    _unsent: list[str] | None = None
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if monotonic() < self._idle_until:
@@ -75,20 +84,59 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         channel._brpop_sent_at = monotonic()
         channel.client.connection.send_command("EVAL", _FETCH, len(keys), *keys, time())
 
-    def forget(self, delivery_tag: str) -> None:
+    def forget(self, delivery_tag: str) -> bool:
         """Delete the unacknowledged record of an acknowledged message, without waiting for Redis.
 
         Kombu waits a round trip, with a new client object, between the end
         of a task and the start of the next. Should the deletion get lost
         with the worker, the message comes back and the completion ledger
         recognises it.
+
+        Returns False when Redis did not take the deletion, twice (the second
+        time on a new connection). The message then stays unacknowledged
+        here too, so its partition waits rather than fetching past it, and
+        :meth:`send_unsent_acknowledgements` tries again every
+        :data:`ACK_RETRY` seconds; both are logged.
         """
+        for _attempt in (1, 2):
+            try:
+                self._send_forget(delivery_tag)
+                return True
+            except redis.RedisError as exc:
+                error = exc
+        logger.warning("Could not acknowledge message %s on Redis (%r, twice): it stays "
+                       "unacknowledged and its partition waits; trying again every %.0f s.",
+                       delivery_tag, error, ACK_RETRY)
+        if self._unsent is None:
+            self._unsent = []
+        self._unsent.append(delivery_tag)
+        return False
+
+    def _send_forget(self, delivery_tag: str) -> None:
         channel: Any = self
         if self._acks is None:
             self._acks = Unanswered(channel.pool, "acknowledgements")
         prefix = channel.global_keyprefix or ""
         self._acks.send(("ZREM", prefix + channel.unacked_index_key, delivery_tag),
                         ("HDEL", prefix + channel.unacked_key, delivery_tag))
+
+    def send_unsent_acknowledgements(self) -> None:
+        """Send again the acknowledgements Redis did not take (event loop, from a timer)."""
+        if not self._unsent or monotonic() < self._ack_retry_at:
+            return
+        self._ack_retry_at = monotonic() + ACK_RETRY
+        channel: Any = self
+        while self._unsent:
+            tag = self._unsent[0]
+            try:
+                self._send_forget(tag)
+            except redis.RedisError as exc:
+                logger.warning("Still cannot acknowledge message %s on Redis: %r", tag, exc)
+                return
+            del self._unsent[0]
+            VirtualQoS.ack(channel.qos, tag)
+            logger.warning("Acknowledged message %s on Redis at a later attempt; its partition "
+                           "goes on.", tag)
 
     def flush_acknowledgements(self) -> None:
         """Wait until Redis has applied the acknowledgements sent so far."""
@@ -122,15 +170,14 @@ def fetch_reliably(channel: Any, timer: Any) -> Any:
     """Switch a worker's task channel to the reliable fetch.
 
     Returns the timer entry that wakes the event loop while the channel
-    waits after an empty fetch (cancel it when the consumer stops), or None
-    when the channel is not kombu's plain Redis channel (Sentinel, say),
-    which keeps ``BRPOP``.
+    waits after an empty fetch, and sends acknowledgements that Redis did
+    not take again (cancel it when the consumer stops), or None when the
+    channel is not kombu's plain Redis channel (Sentinel, say), which keeps
+    ``BRPOP``.
     """
     if type(channel) is not kombu_redis.Channel:
         return None
     channel.__class__ = ReliableChannel
-    return timer.call_repeatedly(IDLE_WAIT, _wake, priority=10)
-
-
-def _wake() -> None:
-    """Nothing to do: the event loop polls the channels again after every timer."""
+    # The event loop polls the channels again after every timer.
+    return timer.call_repeatedly(IDLE_WAIT, ReliableChannel.send_unsent_acknowledgements, (channel,),
+                                 priority=10)

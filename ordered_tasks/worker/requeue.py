@@ -43,8 +43,8 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         if self._closed("acknowledge", delivery_tag):
             return
         if isinstance(self.channel, ReliableChannel):
-            self.channel.forget(delivery_tag)
-            VirtualQoS.ack(self, delivery_tag)
+            if self.channel.forget(delivery_tag):  # else it is sent again later
+                VirtualQoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
 

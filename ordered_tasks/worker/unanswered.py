@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import redis
@@ -12,6 +13,8 @@ logger = logging.getLogger(__name__)
 
 #: Replies left unread before a write reads them all (a few bytes each).
 UNREAD_LIMIT = 64
+#: Seconds before redis-py's next health check at which waiting replies are read first.
+HEALTH_CHECK_MARGIN = 1.0
 
 
 class Unanswered:
@@ -23,6 +26,13 @@ class Unanswered:
     all, and a refused write is still logged, a few commands late. A forked
     child opens a connection of its own, so that it never reads its
     parent's replies.
+
+    Nothing else may read a reply of this connection before :meth:`flush`
+    does. redis-py's health check (kombu sets ``health_check_interval`` to
+    25 s on its pools) sends a ``PING`` before a command on a connection
+    that was quiet for longer than the interval, and takes the first reply
+    it reads for the answer. So the waiting replies are read first whenever
+    a health check is due.
     """
 
     def __init__(self, pool: Any, what: str) -> None:
@@ -68,9 +78,9 @@ class Unanswered:
     def send(self, *commands: tuple[Any, ...]) -> None:
         """Send ``commands`` without waiting; a connection error is raised after a reset."""
         try:
-            if self._unread >= UNREAD_LIMIT:
-                self.flush()
             connection = self._conn()
+            if self._unread >= UNREAD_LIMIT or (self._unread and _health_check_due(connection)):
+                self.flush()
             connection.send_packed_command(connection.pack_commands(commands))
             self._unread += len(commands)
         except redis.RedisError:
@@ -87,3 +97,10 @@ class Unanswered:
         except redis.RedisError:
             self.reset()
             raise
+
+
+def _health_check_due(connection: Any) -> bool:
+    """Whether redis-py would ``PING`` ``connection`` before its next command."""
+    interval = getattr(connection, "health_check_interval", 0)
+    due_at = getattr(connection, "next_health_check", 0.0)
+    return bool(interval) and time.monotonic() + HEALTH_CHECK_MARGIN > due_at
