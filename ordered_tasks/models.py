@@ -73,6 +73,7 @@ class ParkedMessage(models.Model):
         PARKED = "parked", "parked (waits for its key)"
         SKIPPED = "skipped", "skipped by an operator (kept as a record)"
         FAILED = "failed", "failed and passed over (policy 'continue'; kept as a record)"
+        REFUSED = "refused", "refused: it belongs to no key of its partition (kept as a record)"
 
     class Reason(models.TextChoices):
         FAILED = "failed", "the task failed"
@@ -81,6 +82,7 @@ class ParkedMessage(models.Model):
         UNKNOWN_TASK = "unknown_task", "no task of this name is registered in the worker"
         UNDECODABLE = "undecodable", "the body could not be decoded"
         INVALID = "invalid", "the message is not a valid task message"
+        MISROUTED = "misrouted", "its key, partition header and queue do not agree"
         TIME_LIMIT = "time_limit", "the task exceeded its hard time limit"
         WORKER_LOST = "worker_lost", "the process running the task died"
         REVOKED = "revoked", "revoked by an operator (kept as a record)"

@@ -15,6 +15,7 @@ from celery.worker.consumer.tasks import Tasks
 from ..conf import get_settings
 from ..models import ParkedMessage
 from ..queues import partition_queue
+from ..routing import key_spec_for
 from .book import BOOK
 from .fetch import fetch_reliably
 from .leases import LEASE_TICK, LeaseKeeper
@@ -112,9 +113,28 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
                 # Shutting down: left unacknowledged, RabbitMQ gives it back in its
                 # place to the next consumer when this connection closes.
                 return None
+            if self._unordered_task(message):
+                return None
             return handle(message)
 
         return on_task_received
+
+    def _unordered_task(self, message: Any) -> bool:
+        """Park a message of a partition queue whose task is not ordered, instead of running it.
+
+        Such a task would run without the guard: nothing would hold its key
+        when it fails. A producer that is not ordered_tasks' own sent it.
+        """
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        name = headers.get("task")
+        if not isinstance(name, str):
+            return False
+        task = self.app.tasks.get(name)
+        if task is None or key_spec_for(self.app, name, task) is not None:
+            return False
+        return hand_over(self.pool, message, Reason.INVALID,
+                         f"{name} is not an ordered task: declare its key with @ordered_task or "
+                         "ORDERED_TASKS['ROUTES'], or send it to a queue that is not a partition's.")
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         if not hand_over(self.pool, message, Reason.UNKNOWN_TASK, f"No task named {exc} is registered."):

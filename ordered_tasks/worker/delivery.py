@@ -45,8 +45,12 @@ class Delivery:
     headers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_request(cls, task: Any, request: Any, args: Any, kwargs: Any) -> Delivery:
-        """Rebuild the message of the running task (the body re-encoded with its serializer)."""
+    def from_request(cls, task: Any, request: Any, args: Any, kwargs: Any, key: str | None = None,
+                     partition: int | None = None) -> Delivery:
+        """Rebuild the message of the running task (the body re-encoded with its serializer).
+
+        ``key`` and ``partition`` default to the message's headers.
+        """
         entries = dict(vars(request))
         content_type, _ = entries.get(CONTENT_ENTRY) or (None, None)
         serializer = registry.type_to_name.get(content_type) if content_type else None
@@ -59,7 +63,8 @@ class Delivery:
         headers["task"] = task.name
         headers["id"] = request.id
         return cls(
-            key=str(entries[KEY_HEADER]), partition=int(entries[PARTITION_HEADER]),
+            key=str(entries[KEY_HEADER]) if key is None else key,
+            partition=int(entries[PARTITION_HEADER]) if partition is None else partition,
             task_name=task.name, task_id=request.id or "", body=body, content_type=content_type,
             content_encoding=content_encoding, headers=json_safe(headers),
         )

@@ -7,6 +7,7 @@ import logging
 from queue import Empty
 from time import monotonic, time
 from typing import Any
+from uuid import uuid4
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -26,24 +27,46 @@ IDLE_WAIT = 0.02
 ACK_RETRY = 1.0
 
 #: Pop the first message of the first non-empty queue and record it as unacknowledged,
-#: in one step. KEYS: the queues, then kombu's unacked hash and unacked index.
+#: in one step. KEYS: the queues, then kombu's unacked hash and unacked index. ARGV: the
+#: time, a delivery tag for a message that has none, then each queue's name (as in KEYS,
+#: without prefix and priority suffix).
+#:
+#: Nothing may fail after the RPOP (a script's writes are not undone): an item that is
+#: not a kombu message for this queue (no delivery tag, no delivery info, another queue's
+#: routing key, not JSON at all) is wrapped, hex-encoded, into a message with a tag of its
+#: own and no headers, which the worker parks as invalid.
 _FETCH = """
+local function hex(text)
+  return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
+end
 local count = #KEYS - 2
 for i = 1, count do
   local item = redis.call('RPOP', KEYS[i])
   if item then
-    local props = cjson.decode(item)['properties']
-    local info = props['delivery_info']
-    local record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ','
-                   .. cjson.encode(info['routing_key']) .. ']'
-    redis.call('HSET', KEYS[count + 1], props['delivery_tag'], record)
-    redis.call('ZADD', KEYS[count + 2], ARGV[1], props['delivery_tag'])
+    local queue = ARGV[2 + i]
+    local tag, record
+    local ok, message = pcall(cjson.decode, item)
+    local props = ok and type(message) == 'table' and message['properties']
+    local info = type(props) == 'table' and props['delivery_info']
+    if type(info) == 'table' and type(props['delivery_tag']) == 'string'
+        and type(info['exchange']) == 'string' and info['routing_key'] == queue then
+      tag = props['delivery_tag']
+      record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(queue) .. ']'
+    else
+      tag = ARGV[2]
+      item = cjson.encode({body = hex(item), ['content-type'] = 'application/data',
+                           ['content-encoding'] = 'binary', headers = {['x-ordered-tasks-raw'] = 'hex'},
+                           properties = {delivery_tag = tag,
+                                         delivery_info = {exchange = '', routing_key = queue}}})
+      record = '[' .. item .. ',"",' .. cjson.encode(queue) .. ']'
+    end
+    redis.call('HSET', KEYS[count + 1], tag, record)
+    redis.call('ZADD', KEYS[count + 2], ARGV[1], tag)
     return {KEYS[i], item}
   end
 end
 return false
 """
-
 
 class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     """Kombu's Redis channel, fetching with one atomic script instead of ``BRPOP``.
@@ -78,11 +101,12 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         if not queues:
             return
         prefix = channel.global_keyprefix or ""
+        names = [queue for _pri in channel.priority_steps for queue in queues]
         keys = [prefix + channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues]
         keys += [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
         channel._in_poll = channel.client.connection
         channel._brpop_sent_at = monotonic()
-        channel.client.connection.send_command("EVAL", _FETCH, len(keys), *keys, time())
+        channel.client.connection.send_command("EVAL", _FETCH, len(keys), *keys, time(), uuid4().hex, *names)
 
     def forget(self, delivery_tag: str) -> bool:
         """Delete the unacknowledged record of an acknowledged message, without waiting for Redis.

@@ -23,6 +23,7 @@ from .book import BOOK
 from .delivery import RERUN_ENTRY, Delivery
 from .ledger import Ledger, ledger_for
 from .mixin import InPlaceRetry, Parked, seconds_until
+from .placement import NO_KEY, Misfit, place
 
 if TYPE_CHECKING:
     from ..models import ParkedMessage
@@ -46,11 +47,13 @@ REPLAYING: ContextVar[Replaying | None] = ContextVar("ordered_tasks_replaying", 
 
 def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     """Run one message of an ordered task on its partition's consumer."""
-    key = str(getattr(request, KEY_HEADER))
-    partition = int(getattr(request, PARTITION_HEADER))
     replaying = REPLAYING.get()
     if replaying is not None and replaying.row.task_id != request.id:
         replaying = None
+    if replaying is not None:
+        key, partition = replaying.row.key, replaying.row.partition
+    else:
+        key, partition = _place(task, request, args, kwargs)
     ledger = ledger_for(task.app) if replaying is None else None
     if replaying is None:
         with requeue_unless_stored(f"message {request.id}"):
@@ -87,6 +90,35 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     elif ledger is not None:
         ledger.record(partition, request.id)
     return result
+
+
+def _place(task: Any, request: Any, args: Any, kwargs: Any) -> tuple[str, int]:
+    """The message's key and partition (now also in its headers); a misfit is parked instead."""
+    try:
+        placed = place(task, request, args, kwargs)
+    except Misfit as misfit:
+        logger.error("Parking message %s of %s (%s): %s", request.id, task.name, misfit.reason, misfit.error)
+        delivery = Delivery.from_request(task, request, args, kwargs, misfit.key, misfit.partition)
+        with requeue_unless_stored(f"message {request.id}"):
+            park_misfit(delivery, misfit.reason, misfit.error)
+        raise Parked(f"parked: {misfit.error}") from None
+    setattr(request, KEY_HEADER, placed.key)
+    setattr(request, PARTITION_HEADER, placed.partition)
+    return placed.key, placed.partition
+
+
+def park_misfit(delivery: Delivery, reason: str, error: str) -> None:
+    """Park a message that cannot run in its place: it blocks its key, or is kept as a record."""
+    if delivery.key == NO_KEY:
+        store.refuse(delivery, reason, error)
+        return
+    was = BOOK.status(delivery.key, delivery.partition)
+    state = store.park_unrunnable(delivery, reason, error)
+    if was == ACTIVE and state.status == BLOCKED:
+        announce_blocked(delivery.key, delivery.partition, delivery.task_name, delivery.task_id, error,
+                         reason)
+    else:
+        BOOK.set(delivery.key, delivery.partition, state.status)
 
 
 def _is_redelivery(request: Any) -> bool:

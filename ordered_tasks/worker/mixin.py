@@ -41,6 +41,21 @@ def seconds_until(when: Any) -> float | None:
     return max(0.0, float(when))
 
 
+def _delivered_in_order(request: Any) -> bool:
+    """Whether the task runs from a message of a partition queue (not called directly or eagerly).
+
+    A message without the ``ordered_key`` header (from a producer that is
+    not ordered_tasks) is guarded too: the guard finds its key.
+    """
+    if request.called_directly or request.is_eager:
+        return False
+    if getattr(request, KEY_HEADER, None) is not None:
+        return True
+    from .placement import queue_partition
+
+    return queue_partition(request) is not None
+
+
 class GuardedTaskMixin:
     """Worker behaviour of ordered tasks; mixed into their Task class."""
 
@@ -59,7 +74,7 @@ class GuardedTaskMixin:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly or request.is_eager or getattr(request, KEY_HEADER, None) is None:
+        if not _delivered_in_order(request):
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         token = FENCE.set(getattr(request, FENCE_ENTRY, None))
         try:
@@ -80,7 +95,7 @@ class GuardedTaskMixin:
         republishes: the message stays at the head of its key's queue.
         """
         request = self.request
-        if request.called_directly or request.is_eager or getattr(request, KEY_HEADER, None) is None:
+        if not _delivered_in_order(request):
             return super().retry(  # type: ignore[misc]
                 args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         if options or not throw:

@@ -12,6 +12,7 @@ from celery.worker import state
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from ..conf import get_settings
 from ..models import ParkedMessage
 from ..options import PARTITION_HEADER
 from .book import BOOK
@@ -28,6 +29,11 @@ _LOST: dict[str, int] = {}
 
 
 def _partition(entries: dict[str, Any]) -> int:
+    """The partition whose queue delivered the message (its header may be missing or wrong)."""
+    queue = (entries.get("delivery_info") or {}).get("routing_key")
+    partition = get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+    if partition is not None:
+        return partition
     try:
         return int(entries.get(PARTITION_HEADER, -1))
     except (TypeError, ValueError):

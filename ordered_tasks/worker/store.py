@@ -169,3 +169,16 @@ def park_unrunnable(delivery: Delivery, reason: str, error: str) -> AccountState
             return state
     return block(delivery.key, delivery.partition, delivery=delivery, reason=reason, error=error,
                  attempts=0)
+
+
+def refuse(delivery: Delivery, reason: str, error: str) -> AccountState:
+    """Keep a message that belongs to no key of its partition as a record; nothing is held.
+
+    ``delivery.key`` is :data:`~ordered_tasks.worker.placement.NO_KEY`; the
+    message's headers and body say what it was.
+    """
+    with transaction.atomic():
+        state = locked_state(delivery.key, delivery.partition)
+        _add_row(state, delivery, reason=reason, state=ParkedMessage.State.REFUSED, exception=error)
+        state.save(update_fields=["sequence", "updated_at"])
+    return state

@@ -7,11 +7,12 @@ import logging
 from typing import Any, Callable
 
 from ..conf import get_settings
-from ..models import ACTIVE, BLOCKED, ParkedMessage
+from ..models import ParkedMessage
 from . import store
 from .book import BOOK
 from .delivery import Delivery
-from .guard import announce_blocked
+from .guard import park_misfit
+from .placement import key_of_partition
 
 logger = logging.getLogger(__name__)
 Reason = ParkedMessage.Reason
@@ -61,13 +62,8 @@ def hand_over(pool: Any, message: Any, reason: str, error: str,
 def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
     """Pool side of :func:`hand_over`: store the message and hold its key."""
     delivery = Delivery(**fields)
+    delivery.key = key_of_partition(delivery.key, delivery.partition)
     if reason == Reason.REVOKED:
         return store.record_revoked(delivery, error).status
-    was = BOOK.status(delivery.key, delivery.partition)
-    state = store.park_unrunnable(delivery, reason, error)
-    if was == ACTIVE and state.status == BLOCKED:
-        announce_blocked(delivery.key, delivery.partition, delivery.task_name, delivery.task_id, error,
-                         reason)
-    else:
-        BOOK.set(delivery.key, delivery.partition, state.status)
-    return state.status
+    park_misfit(delivery, reason, error)
+    return reason

@@ -1,0 +1,165 @@
+"""Messages from producers that are not ordered_tasks': missing or wrong headers, wrong queues, raw items."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from ordered_tasks import partition_for
+from ordered_tasks.conf import get_settings
+from ordered_tasks.models import AccountState, ParkedMessage
+from ordered_tasks.queues import partition_queue
+from tests.conftest import eventually, wait_done
+from tests.test_guard import fail, ran
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_db")]
+T = "tests.testapp.tasks."
+
+
+def raw_publish(app: Celery, task: str, kwargs: dict[str, Any], *, queue_of: str,
+                headers: dict[str, Any]) -> str:
+    """Publish a protocol-2 message as another language's client would, bypassing Celery's publish."""
+    task_id = str(uuid.uuid4())
+    message = app.amqp.as_task_v2(task_id, task, args=(), kwargs=kwargs)
+    full = {k: v for k, v in message.headers.items() if v is not None}
+    full.update(headers)
+    queue = partition_queue(get_settings().queue_prefix, partition_for(queue_of))
+    with app.producer_or_acquire() as producer:
+        producer.publish(message.body, exchange=queue.exchange, routing_key=queue.routing_key,
+                         headers=full, serializer="json", declare=[queue], retry=True)
+    return task_id
+
+
+def rows(task_id: str) -> list[tuple[str, str, str]]:
+    return list(ParkedMessage.objects.filter(task_id=task_id).values_list("key", "reason", "state"))
+
+
+def status(key: str) -> str | None:
+    return AccountState.objects.filter(key=key).values_list("status", flat=True).first()
+
+
+def other_partition_key(key: str) -> str:
+    n = 0
+    while partition_for(f"{key}-{n}") == partition_for(key):
+        n += 1
+    return f"{key}-{n}"
+
+
+def same_partition_key(key: str) -> str:
+    n = 0
+    while partition_for(f"{key}-{n}") != partition_for(key):
+        n += 1
+    return f"{key}-{n}"
+
+
+@pytest.fixture
+def run() -> str:
+    return uuid.uuid4().hex
+
+
+def test_a_failure_without_the_key_header_blocks_the_key_found_in_the_arguments(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = f"nohdr-{run[:8]}"
+    fail(results, run, key, 1)
+    start_workers(1)
+    task_id = raw_publish(app, T + "strict_step", {"run": run, "key": key, "seq": 1}, queue_of=key, headers={})
+    eventually(lambda: status(key) == "blocked", timeout=30, what="the key to be blocked")
+    assert rows(task_id) == [(key, "failed", "parked")]
+    app.tasks[T + "ordered_record"].delay(run=run, key=key, seq=2)
+    eventually(lambda: ParkedMessage.objects.filter(key=key).count() == 2, timeout=30,
+               what="the later message to be parked behind the failure")
+    assert ran(results, run, key) == []
+
+
+def test_a_key_header_without_the_partition_header_runs(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = f"nopart-{run[:8]}"
+    start_workers(1)
+    raw_publish(app, T + "ordered_record", {"run": run, "key": key, "seq": 1}, queue_of=key,
+                headers={"ordered_key": key})
+    app.tasks[T + "ordered_record"].delay(run=run, key=key, seq=2)
+    assert wait_done(results, run, 2, timeout=30) == 2
+    assert ran(results, run, key) == [1, 2]
+
+
+def test_headers_that_disagree_with_the_queue_or_arguments_are_parked_with_the_reason(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = f"wrong-{run[:8]}"
+    start_workers(1)
+    publish = app.tasks[T + "ordered_record"]
+    right = partition_for(key)
+    wrong_partition = raw_publish(app, T + "ordered_record", {"run": run, "key": key, "seq": 1}, queue_of=key,
+                                  headers={"ordered_key": key, "ordered_partition": (right + 1) % 8})
+    stranger = other_partition_key(key)
+    wrong_queue = raw_publish(app, T + "ordered_record", {"run": run, "key": stranger, "seq": 1},
+                              queue_of=key, headers={"ordered_key": stranger, "ordered_partition": right})
+    neighbour = same_partition_key(key)
+    other_key = raw_publish(app, T + "ordered_record", {"run": run, "key": neighbour, "seq": 1}, queue_of=key,
+                            headers={"ordered_key": key, "ordered_partition": right})
+    publish.delay(run=run, key=key, seq=2)
+    publish.delay(run=run, key=neighbour, seq=2)
+    eventually(lambda: ParkedMessage.objects.filter(task_id__in=[wrong_partition, wrong_queue, other_key])
+               .count() == 3, timeout=30, what="the three misfits to be parked")
+    assert rows(wrong_partition) == [(key, "misrouted", "parked")]  # blocks the key it belongs to
+    assert rows(wrong_queue) == [("", "misrouted", "refused")]  # belongs to no key of this partition
+    assert rows(other_key) == [(neighbour, "misrouted", "parked")]  # the key of its arguments
+    eventually(lambda: ParkedMessage.objects.filter(key__in=[key, neighbour]).count() == 4, timeout=30,
+               what="the later messages to be parked behind the misfits")
+    assert status(key) == "blocked" and status(neighbour) == "blocked"
+    assert ran(results, run, key) == [] and ran(results, run, neighbour) == [] and ran(results, run, stranger) == []
+    error = ParkedMessage.objects.get(task_id=wrong_queue).exception
+    assert f"belongs to partition {partition_for(stranger)}" in error
+
+
+def test_a_key_too_long_to_store_is_refused_into_a_parked_row_once(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    long_key = "x" * 300
+    start_workers(1)
+    task_id = raw_publish(app, T + "ordered_record", {"run": run, "key": long_key, "seq": 1},
+                          queue_of=long_key[:255], headers={"ordered_key": long_key})
+    eventually(lambda: rows(task_id), timeout=30, what="the message to be refused into a row")
+    assert rows(task_id) == [("", "invalid", "refused")]
+    assert "300 characters" in ParkedMessage.objects.get(task_id=task_id).exception
+    after = f"after-{run[:8]}"
+    app.tasks[T + "ordered_record"].delay(run=run, key=after, seq=1)
+    assert wait_done(results, run, 1, timeout=30) == 1
+    assert len(rows(task_id)) == 1  # parked once, not returned and run again
+
+
+def test_a_plain_task_sent_to_a_partition_queue_is_parked_not_run(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = f"plain-{run[:8]}"
+    start_workers(1)
+    task_id = raw_publish(app, T + "plain_record", {"run": run, "key": key, "seq": 1}, queue_of=key,
+                          headers={"ordered_key": key, "ordered_partition": partition_for(key)})
+    eventually(lambda: rows(task_id), timeout=30, what="the plain task's message to be parked")
+    assert rows(task_id) == [(key, "invalid", "parked")]
+    assert ran(results, run, key) == []
+
+
+def test_raw_redis_items_the_fetch_cannot_record_are_parked_not_lost(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis, run: str) -> None:
+    if not broker.startswith("redis"):
+        pytest.skip("the Redis transport's envelope")
+    key = f"raw-{run[:8]}"
+    queue = partition_queue(get_settings().queue_prefix, partition_for(key)).name
+    client = redis.Redis.from_url(broker)
+    envelope = {"body": "W10=", "content-type": "application/json", "content-encoding": "utf-8",
+                "headers": {"task": T + "ordered_record", "id": run}, "properties": {"body_encoding": "base64"}}
+    client.lpush(queue, json.dumps(envelope))  # no delivery_tag, no delivery_info
+    client.lpush(queue, b"\xff not json at all")
+    start_workers(1)
+    eventually(lambda: ParkedMessage.objects.filter(partition=partition_for(key), reason="invalid",
+                                                    headers__has_key="x-ordered-tasks-raw").count() == 2,
+               timeout=30, what="both raw items to be parked")
+    bodies = {bytes.fromhex(bytes(row.body).decode()) for row in
+              ParkedMessage.objects.filter(headers__has_key="x-ordered-tasks-raw", partition=partition_for(key))}
+    assert b"\xff not json at all" in bodies and json.dumps(envelope).encode() in bodies
+    app.tasks[T + "ordered_record"].delay(run=run, key=key, seq=1)
+    assert wait_done(results, run, 1, timeout=30) == 1  # the partition goes on
+    assert client.llen(queue) == 0
