@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -13,7 +14,10 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import Workers, wait_done
+from ordered_tasks import partition_for
+from ordered_tasks.conf import get_settings
+from ordered_tasks.queues import partition_queue
+from tests.conftest import Workers, eventually, unacknowledged_queues, wait_done
 from tests.test_workers import assert_in_order, assert_partitions_never_overlap, publish_interleaved
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -96,3 +100,40 @@ def test_a_killed_owner_is_replaced_within_seconds(app: Celery, start_workers: A
     took = time.monotonic() - started
     assert took < 20, f"the standby took {took:.1f} s to take over; leases: {lease_holders(app)}"
     assert_in_order(results, run, keys=10, per_key=5)
+
+
+def recorded(results: redis.Redis, run: str, key: str) -> list[int]:
+    return [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)]
+
+
+def test_a_worker_frozen_past_its_lease_does_not_run_what_it_held_after_the_new_owner(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis) -> None:
+    if not broker.startswith("redis"):
+        pytest.skip("leases are Redis's; RabbitMQ's single active consumer keeps a frozen one's messages")
+    run = uuid.uuid4().hex
+    slow, held = f"slow-{run[:6]}", f"held-{run[:6]}"
+    while partition_for(held) == partition_for(slow):
+        held += "x"
+    owner = start_workers(1)
+    start_workers(1)  # the standby
+    task = app.tasks["tests.testapp.tasks.ordered_record"]
+    task.delay(run=run, key=slow, seq=1, sleep=3.0)
+    task.delay(run=run, key=held, seq=1)  # waits in the owner's pool pipe behind the slow one
+    with app.connection_for_write() as conn:
+        ours = {partition_queue(get_settings().queue_prefix, partition_for(k)).name for k in (slow, held)}
+        eventually(lambda: ours <= set(unacknowledged_queues(conn.default_channel)), timeout=15,
+                   what="the owner to hold both messages")
+    frozen = worker_processes(owner)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        eventually(lambda: recorded(results, run, held) == [1], timeout=30, what="the standby to run the held one")
+        task.delay(run=run, key=held, seq=2)
+        eventually(lambda: recorded(results, run, held) == [1, 2], timeout=15, what="the standby to run the next")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    eventually(lambda: len(recorded(results, run, slow)) == 2, timeout=15,
+               what="the thawed owner to finish the task it was running")
+    time.sleep(3.0)  # it would start the held message now
+    assert recorded(results, run, held) == [1, 2]

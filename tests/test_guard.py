@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,13 +18,14 @@ from django.utils import timezone
 from ordered_tasks import KeyNotBlockedError, UnknownKeyError, partition_for, replay, skip
 from ordered_tasks.conf import get_settings
 from ordered_tasks.control import REPLAY, SKIP
-from ordered_tasks.exceptions import UnsafeOptionError
-from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage
+from ordered_tasks.exceptions import StaleOwnerError, UnsafeOptionError
+from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage, PartitionFence
 from ordered_tasks.queues import partition_queue
 from ordered_tasks.signals import key_blocked, key_resumed
 from ordered_tasks.worker.actions import apply_control, wake
 from ordered_tasks.worker.book import BOOK
 from ordered_tasks.worker.delivery import Delivery
+from ordered_tasks.worker.fencing import DEADLINES, FENCE
 from tests.conftest import eventually
 from tests.testapp.celery import app as celery_app
 
@@ -478,3 +480,49 @@ def test_one_query_reads_every_out_of_date_partition_of_the_worker(django_assert
         assert book.status(keys[held], held) == "retrying"
     with django_assert_num_queries(0):
         assert [book.status(keys[p], p) for p in partitions] == ["active"] * (len(partitions) - 1) + ["retrying"]
+
+
+@pytest.fixture
+def deadlines() -> Iterator[Any]:
+    DEADLINES.share(8)
+    DEADLINES.enforce()
+    yield DEADLINES
+    DEADLINES.share(0)
+    DEADLINES._memory = None
+
+
+@pytest.mark.django_db
+def test_a_message_does_not_start_once_its_partition_lease_may_have_lapsed(
+        app: Celery, run: str, results: redis.Redis, deadlines: Any) -> None:
+    key = f"lapsed-{run[:8]}"
+    partition = partition_for(key)
+    deadlines.set(partition, time.monotonic() - 0.1)
+    info = deliver(app, "strict_step", key, 1, run)
+    assert info is not None and info.state == "REJECTED"  # handed back to the head, not run
+    assert ran(results, run, key) == []
+    deadlines.set(partition, time.monotonic() + 10)
+    assert deliver(app, "strict_step", key, 2, run) is None
+    assert ran(results, run, key) == [2]
+
+
+@pytest.mark.django_db
+def test_replay_by_a_stale_owner_runs_nothing_and_changes_nothing(
+        app: Celery, run: str, results: redis.Redis, django_capture_on_commit_callbacks: Any) -> None:
+    key = f"stale-{run[:8]}"
+    partition = partition_for(key)
+    fail(results, run, key, 1, times=1)
+    for seq in (1, 2, 3):
+        deliver(app, "strict_step", key, seq, run)
+    assert AccountState.objects.get(key=key).status == "blocked"
+    with django_capture_on_commit_callbacks(execute=False):
+        request = replay(key)
+    PartitionFence.objects.update_or_create(partition=partition, defaults={"fence": 5})
+    token = FENCE.set(3)  # this worker's lease is older than the partition's newest owner
+    try:
+        with pytest.raises(StaleOwnerError):
+            apply_control(app, key, REPLAY, request.pk)
+    finally:
+        FENCE.reset(token)
+    assert ran(results, run, key) == []
+    assert AccountState.objects.get(key=key).status == "blocked"
+    assert ParkedMessage.objects.filter(key=key, state="parked").count() == 3

@@ -6,8 +6,9 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.app.trace import trace_task
+from celery.exceptions import Reject
 from celery.utils.nodenames import gethostname
 from django.db import transaction
 from django.utils import timezone
@@ -47,7 +48,7 @@ def apply_control(app: Celery, key: str, action: str, request_id: int | None,
     if request is None:
         logger.error("Control request %s for key %r does not exist: ignored.", request_id, key)
         return "unknown request"
-    with transaction.atomic():
+    with store.fenced(partition):
         state = AccountState.objects.select_for_update().filter(key=key).first()
         refusal = _refusal(state, request)
         outcome = refusal or "applied"
@@ -113,7 +114,7 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
     for row in rows[:batch]:
         outcome = run_parked(app, row)
         if outcome == "ok":
-            row.delete()
+            store.delete_parked(row)
         elif outcome != "continued":
             return outcome
     if len(rows) > batch:
@@ -160,6 +161,8 @@ def run_parked(app: Celery, row: ParkedMessage) -> str:
         return replaying.outcome
     if info is None:  # a task without the ordered guard that succeeded
         return "ok"
+    if info.state == states.REJECTED:  # handed back (the lease lapsed): so is the control message
+        raise Reject(f"parked message {row.task_id} was handed back", requeue=True)
     return _block(row, store.Reason.INVALID, f"Celery did not run the task: {info.state} {info.retval!r}")
 
 

@@ -43,6 +43,7 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     from ..queues import partition_queue
     from .book import BOOK, Versions
     from .consumer import Leases
+    from .fencing import DEADLINES
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
     from .startup import ORDERED_APPS, ORDERED_CONCURRENCY
@@ -56,6 +57,7 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     app.conf.worker_concurrency = concurrency
     app.conf.task_acks_late = True
     BOOK.share(Versions(conf.partitions), partitions)  # before the pool processes fork
+    DEADLINES.share(conf.partitions)
     queues = [partition_queue(conf.queue_prefix, p) for p in partitions]
     for queue in queues:
         app.amqp.queues.add(queue)

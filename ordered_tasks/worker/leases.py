@@ -16,6 +16,7 @@ from kombu.utils.json import loads
 from ..partitioning import queue_name
 from ..queues import partition_queue
 from .book import BOOK
+from .fencing import DEADLINES
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class LeaseKeeper:
 
     def start(self) -> None:
         if self._thread is None:
+            DEADLINES.enforce()
             self.renew()
             self._thread = threading.Thread(target=self._run, name="ordered-leases", daemon=True)
             self._thread.start()
@@ -107,6 +109,8 @@ class LeaseKeeper:
             self.leases = {**self.leases, **acquired}
         except redis.RedisError as exc:
             logger.warning("Could not renew partition leases: %r", exc)
+        for partition in self.partitions:
+            DEADLINES.set(partition, self.valid_until if partition in self.leases else 0.0)
 
     def apply(self, consumer: Any) -> None:
         """Consume the partitions held and only those (event-loop side)."""
@@ -149,6 +153,7 @@ class LeaseKeeper:
             except redis.RedisError as exc:
                 logger.warning("Could not release the lease of partition %d: %r", partition, exc)
             self.leases.pop(partition, None)
+            DEADLINES.set(partition, 0.0)
 
 
 def restore_to_head(channel: Any, queue: str) -> int:

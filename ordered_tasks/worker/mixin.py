@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import datetime
 from typing import Any
 
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 from django.utils import timezone
 
 from ..exceptions import UnsafeOptionError
-from ..options import KEY_HEADER
+from ..options import KEY_HEADER, PARTITION_HEADER
 from .delivery import FENCE_ENTRY
-from .fencing import FENCE
+from .fencing import DEADLINES, FENCE
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RETRY_DELAY = 2
 
@@ -56,6 +59,28 @@ def _delivered_in_order(request: Any) -> bool:
     return queue_partition(request) is not None
 
 
+def _refuse_without_lease(request: Any) -> None:
+    """Hand the message back unless this worker still holds its partition's lease (Redis).
+
+    A worker frozen past its lease must not start a message it fetched
+    before: the partition's new owner got it back at the head of the queue
+    and may have run later messages of its key already. It goes back to the
+    head (a no-op once the new owner restored it).
+    """
+    from .placement import queue_partition
+
+    partition = queue_partition(request)
+    if partition is None:
+        try:
+            partition = int(getattr(request, PARTITION_HEADER, -1))
+        except (TypeError, ValueError):
+            return
+    if not DEADLINES.allows(partition):
+        logger.warning("Not starting %s: this worker's lease of partition %d may have lapsed; the "
+                       "message goes back to the head of its queue.", request.id, partition)
+        raise Reject("the partition's lease lapsed", requeue=True)
+
+
 class GuardedTaskMixin:
     """Worker behaviour of ordered tasks; mixed into their Task class."""
 
@@ -76,6 +101,7 @@ class GuardedTaskMixin:
         request = self.request
         if not _delivered_in_order(request):
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        _refuse_without_lease(request)
         token = FENCE.set(getattr(request, FENCE_ENTRY, None))
         try:
             if self.ordered_control:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +24,26 @@ def describe(exc: BaseException) -> tuple[str, str]:
     """A one-line description of ``exc`` and its formatted traceback."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return text, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+@contextmanager
+def fenced(partition: int) -> Iterator[None]:
+    """A transaction in which this consumer may change ``partition``'s keys and parked rows.
+
+    With a fencing token (Redis leases), a stale owner gets
+    :class:`~ordered_tasks.exceptions.StaleOwnerError` before anything is written.
+    """
+    with transaction.atomic():
+        fence = FENCE.get()
+        if fence is not None:
+            check_fence(partition, fence)
+        yield
+
+
+def delete_parked(row: ParkedMessage) -> None:
+    """Delete a parked message that ran (fenced)."""
+    with fenced(row.partition):
+        row.delete()
 
 
 def locked_state(key: str, partition: int) -> AccountState:
