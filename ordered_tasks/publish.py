@@ -8,6 +8,7 @@ from typing import Any, Callable
 from celery import Celery
 from kombu import Queue
 
+from .canvas import check_canvas
 from .conf import get_settings
 from .exceptions import UnsafeOptionError
 from .options import CONTROL_TASK, KEY_HEADER, PARTITION_HEADER, PUBLISHED_HEADER
@@ -32,6 +33,9 @@ class PublishGuard:
                  queue: Any = None, headers: dict[str, Any] | None = None,
                  **kwargs: Any) -> Any:
         qname = queue.name if isinstance(queue, Queue) else queue
+        body = message.body
+        if isinstance(body, tuple) and len(body) == 3:
+            check_canvas(self.app, name, body[2])
         conf = get_settings()
         partition = conf.partition_of_queue(qname) if isinstance(qname, str) else None
         if partition is None:

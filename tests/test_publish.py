@@ -64,6 +64,29 @@ def test_chain_takes_key_by_keyword(app: Celery) -> None:
     assert_only_in_partition_of(app, 99, count=1)  # the second is published by the worker
 
 
+@pytest.mark.parametrize("later", [
+    lambda t: t.si(run="r", key=99, seq=2).set(countdown=5),
+    lambda t: t.si(run="r", key=99, seq=2).set(queue="elsewhere"),
+    lambda t: t.s("r", 99, 2),  # positional key: the first step's result would take its place
+])
+def test_a_chain_whose_later_ordered_step_would_fail_is_refused_at_publish(app: Celery, later: Any) -> None:
+    task = app.tasks[ORDERED]
+    with pytest.raises(UnsafeOptionError, match="later step"):
+        chain(task.si(run="r", key=99, seq=1), later(task)).apply_async()
+    with pytest.raises(UnsafeOptionError, match="later step"):
+        app.tasks["tests.testapp.tasks.plain_record"].apply_async(("r", 1, 1), link=later(task))
+    with pytest.raises(UnsafeOptionError, match="later step"):
+        task.apply_async(kwargs={"run": "r", "key": 99, "seq": 1}, link_error=later(task))
+    assert where(app) == {}
+
+
+def test_a_chain_of_ordered_steps_with_keyword_keys_is_accepted(app: Celery) -> None:
+    task = app.tasks[ORDERED]
+    chain(task.si(run="r", key=99, seq=1), task.s(run="r", key=99, seq=2),
+          task.si("r", 99, 3)).apply_async()
+    assert_only_in_partition_of(app, 99, count=1)
+
+
 def test_callable_key(app: Celery) -> None:
     app.tasks["tests.callable_key"].delay({"account": "acme", "seq": 1}, run="r")
     assert_only_in_partition_of(app, "acme")
