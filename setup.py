@@ -20,8 +20,8 @@ setup(
                                     "templates/admin/ordered_tasks/*/*.html"]},
     python_requires=">=3.10",
     install_requires=[
-        "Django>=4.2,<6",
-        "celery[redis]>=5.4,<6",
+        "Django>=4.2,!=5.0.*,!=5.1.*,<7",
+        "celery[redis]>=5.5,<5.8",
     ],
     extras_require={
         "test": [

@@ -159,3 +159,23 @@ def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
     app.conf.worker_prefetch_multiplier = 4
     with pytest.raises(UnsafeWorkerOptionError, match="prefetch multiplier 4"):
         RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
+
+
+def test_a_plain_worker_of_a_project_with_ordered_tasks_says_they_will_wait(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from ordered_tasks.worker.startup import ORDERED_APPS, RefuseUnsafeConsumers
+
+    app = Celery("plain-habit", set_as_current=False)  # gets the project's shared and ordered tasks
+    app.conf.task_queues = ()
+    app.finalize(auto=True)
+    ORDERED_APPS[app] = [0]  # an ordered worker with nothing to consume yet says nothing
+    RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
+    assert "consumes no partition queue" not in caplog.text
+    del ORDERED_APPS[app]
+    RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
+    assert "consumes no partition queue" in caplog.text
+    assert "events.external_record" in caplog.text and "ordered_worker" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
@@ -9,6 +10,8 @@ from celery import Celery, bootsteps
 
 from ..conf import get_settings
 from ..exceptions import UnsafeWorkerOptionError
+
+logger = logging.getLogger(__name__)
 
 #: Celery apps configured by ``ordered_worker``, with their partitions
 #: (see :func:`~ordered_tasks.worker.child.configure`).
@@ -23,6 +26,25 @@ def consumed_partition_queues(app: Celery) -> list[str]:
     names = queues.consume_from if queues.consume_from is not None else queues
     conf = get_settings()
     return sorted(name for name in names if conf.partition_of_queue(name) is not None)
+
+
+def warn_if_ordered_tasks_wait(app: Celery) -> None:
+    """Say so when a plain worker starts in a project whose ordered tasks it will never run.
+
+    Started out of habit instead of ``ordered_worker``, it leaves every
+    ordered task PENDING without a hint.
+    """
+    from ..routing import key_spec_for
+
+    names = sorted(name for name, task in app.tasks.items()
+                   if not name.startswith("ordered_tasks.") and key_spec_for(app, name, task) is not None)
+    if names:
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        logger.warning(
+            "This Celery worker consumes no partition queue, so it runs none of the project's "
+            "%d ordered task(s) (%s). They wait in their partition queues until "
+            "'python manage.py ordered_worker' runs; start it, or this warning is expected if "
+            "it runs elsewhere.", len(names), shown)
 
 
 class RefuseUnsafeConsumers(bootsteps.Step):  # type: ignore[misc]
@@ -41,6 +63,8 @@ class RefuseUnsafeConsumers(bootsteps.Step):  # type: ignore[misc]
         app = worker.app
         ordered = consumed_partition_queues(app)
         if not ordered:
+            if app not in ORDERED_APPS:
+                warn_if_ordered_tasks_wait(app)
             return
         shown = ", ".join(ordered[:4]) + (" ..." if len(ordered) > 4 else "")
         if app not in ORDERED_APPS:
