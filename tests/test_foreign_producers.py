@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,3 +166,46 @@ def test_raw_redis_items_the_fetch_cannot_record_are_parked_not_lost(
     app.tasks[T + "ordered_record"].delay(run=run, key=key, seq=1)
     assert wait_done(results, run, 1, timeout=30) == 1  # the partition goes on
     assert client.llen(queue) == 0
+
+
+NODE_PRODUCER = Path(__file__).resolve().parent.parent / "examples" / "node" / "publish.js"
+
+
+def node() -> str:
+    found = shutil.which("node")
+    if found is None:
+        pytest.skip("Node.js is not installed")
+    return found
+
+
+@pytest.mark.parametrize("partitions", [1, 8, 16, 1024])
+def test_the_node_example_producer_hashes_keys_like_python(partitions: int) -> None:
+    keys = ["account-1", "42", "-7", "ü-ñ", "18446744073709551617", *(f"acct-{n}" for n in range(50))]
+    out = subprocess.run([node(), str(NODE_PRODUCER), "--vectors", str(partitions), *keys],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    found = {json.loads(line)[0]: json.loads(line)[1][0] for line in out.splitlines()}
+    assert found == {key: partition_for(int(key) if key.lstrip("-").isdigit() else key, partitions)
+                     for key in keys}
+
+
+def test_messages_from_the_node_example_producer_run_in_order_with_python_ones(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis, run: str) -> None:
+    if not broker.startswith("redis"):
+        pytest.skip("the example producer speaks Redis")
+    keys = [f"node-{run[:6]}-{n}" for n in range(4)]
+    conf = get_settings()
+
+    def from_node(seq: int) -> None:
+        subprocess.run([node(), str(NODE_PRODUCER), "--redis", broker, "--prefix", conf.queue_prefix,
+                        "--partitions", str(conf.partitions), "--task", T + "ordered_record",
+                        "--key", ",".join(keys), "--kwargs", json.dumps({"run": run, "key": "$KEY", "seq": seq})],
+                       check=True, timeout=30, capture_output=True)
+
+    start_workers(1)
+    from_node(1)
+    for key in keys:
+        app.tasks[T + "ordered_record"].delay(run=run, key=key, seq=2)
+    from_node(3)
+    assert wait_done(results, run, 12, timeout=30) == 12
+    assert all(ran(results, run, key) == [1, 2, 3] for key in keys)
+    assert not ParkedMessage.objects.filter(key__in=keys).exists()
