@@ -219,6 +219,7 @@ class PartitionStatusAdmin(ReadOnly, _PartitionAdmin):
         from django.core.exceptions import PermissionDenied
 
         from .dashboard import SILENT_AFTER, overview
+        from .worker.figures import STALL_AFTER
 
         if not self.has_view_permission(request):
             raise PermissionDenied
@@ -231,6 +232,7 @@ class PartitionStatusAdmin(ReadOnly, _PartitionAdmin):
             "broker_error": broker_error,
             "refresh": REFRESH_SECONDS,
             "silent_after": int(SILENT_AFTER),
+            "stall_after": STALL_AFTER,
             "accounts_url": reverse("admin:ordered_tasks_accountstate_changelist"),
         }
         return TemplateResponse(request, "admin/ordered_tasks/partitions.html", context)

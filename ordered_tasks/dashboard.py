@@ -14,7 +14,7 @@ from .conf import get_settings
 from .exceptions import ConfigurationError
 from .models import BLOCKED, RETRYING, AccountState, PartitionStatus
 from .partitioning import queue_name
-from .worker.figures import FLUSH_INTERVAL
+from .worker.figures import FLUSH_INTERVAL, STALL_AFTER
 
 #: A consumer whose last report is older than this is shown as silent.
 SILENT_AFTER = 3 * FLUSH_INTERVAL
@@ -34,9 +34,17 @@ class PartitionRow:
     blocked: int
     retrying: int
 
+    #: Seconds since a task of the partition last started or ended, while nothing runs.
+    quiet_for: float | None = None
+
     @property
     def silent(self) -> bool:
         return self.report_age is None or self.report_age > SILENT_AFTER
+
+    @property
+    def stalled(self) -> bool:
+        """Messages wait, nothing runs, and nothing moved for :data:`STALL_AFTER` seconds."""
+        return bool(self.depth) and self.quiet_for is not None and self.quiet_for > STALL_AFTER
 
 
 def broker_url() -> str:
@@ -74,6 +82,7 @@ def overview(now: datetime | None = None) -> tuple[list[PartitionRow], str | Non
             oldest_age=oldest, oldest_is_estimate=estimate, status=status,
             report_age=_age(now, status),
             blocked=counts.get("blocked", 0), retrying=counts.get("retrying", 0),
+            quiet_for=_quiet_for(now, status),
         ))
     return rows, error
 
@@ -82,3 +91,11 @@ def _age(now: datetime, status: PartitionStatus | None) -> float | None:
     if status is None or status.heartbeat_at is None:
         return None
     return (now - status.heartbeat_at).total_seconds()
+
+
+def _quiet_for(now: datetime, status: PartitionStatus | None) -> float | None:
+    """Seconds since the consumer last started or ended a task of the partition, if nothing runs."""
+    if status is None or status.running_task:
+        return None
+    since = status.progress_at or status.consumer_since
+    return None if since is None else (now - since).total_seconds()

@@ -182,6 +182,9 @@ class PartitionStatus(models.Model):
     completed = models.PositiveBigIntegerField(default=0, help_text="Tasks ended by this consumer.")
     failed = models.PositiveBigIntegerField(default=0, help_text="Of which failed.")
     per_minute = models.FloatField(default=0.0, help_text="Tasks ended per minute, over the last minute.")
+    progress_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="When a task of the partition last started or ended on this consumer.")
     last_wait = models.FloatField(
         null=True, blank=True, help_text="Seconds the last task started waited in the queue.")
 

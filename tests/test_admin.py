@@ -242,8 +242,41 @@ def test_the_partitions_page_shows_real_figures(app: Celery, broker: str, data: 
         assert queued.oldest_age is not None and queued.oldest_age < 60
     assert rows[data["blocked"].partition].blocked >= 1
     assert rows[data["retrying"].partition].retrying >= 1
+    assert not queued.stalled and b"stalled: nothing moved" not in response.content
     index = _client(users["viewer"]).get(reverse("admin:index")).content.decode()
     assert reverse(PARTITIONS) in index
+    # Nothing of the partition started or ended for two minutes while its messages wait: stalled.
+    long_ago = timezone.now() - timedelta(minutes=2)
+    PartitionStatus.objects.filter(partition=partition_for(key)).update(progress_at=long_ago,
+                                                                        consumer_since=long_ago)
+    response = _client(users["viewer"]).get(reverse(PARTITIONS))
+    assert {row.partition for row in response.context["rows"] if row.stalled} == {partition_for(key)}
+    assert b"stalled: nothing moved for 120 s" in response.content
+
+
+def test_a_worker_logs_a_partition_whose_messages_wait_while_nothing_moves(
+        app: Celery, broker: str, caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from ordered_tasks.worker.figures import STALL_AFTER, PartitionFigures, warn_about_stalls
+    from tests.testapp.tasks import ordered_record
+
+    waiting, empty = "acct-waiting", "acct-empty"
+    while partition_for(empty) == partition_for(waiting):
+        empty += "x"
+    app.tasks[ordered_record.name].delay(run="r", key=waiting, seq=1)
+    now = time.time()
+    figures = Figures()
+    for key in (waiting, empty):
+        figures.partitions[partition_for(key)] = PartitionFigures(progress_at=now - STALL_AFTER - 5)
+    owned = {partition_for(waiting), partition_for(empty)}
+    warn_about_stalls(figures, owned, broker, now - STALL_AFTER)  # not quiet for long enough yet
+    assert "has not moved" not in caplog.text
+    warn_about_stalls(figures, owned, broker, now)
+    assert caplog.text.count("has not moved") == 1
+    assert f"Partition {partition_for(waiting)} has not moved for 65 s although its queue holds 1" in caplog.text
+    warn_about_stalls(figures, owned, broker, now + 10)  # the same stall is not logged again at once
+    assert caplog.text.count("has not moved") == 1
 
 
 @pytest.mark.parametrize("down", ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"])

@@ -18,6 +18,7 @@ from ..queues import partition_queue
 from ..routing import key_spec_for
 from .book import BOOK
 from .fetch import fetch_reliably
+from .figures import FIGURES
 from .leases import LEASE_TICK, LeaseKeeper
 from .requeue import requeue_at_head
 from .startup import ORDERED_APPS
@@ -70,6 +71,7 @@ def _start_tasks_step(step: Tasks, c: Any) -> None:
     if _is_amqp(c):
         c.initial_prefetch_count = 1
     BOOK.new_tenure()  # a new connection: another worker may have had the partitions
+    FIGURES.new_tenure()
     Tasks.start(step, c)
 
 

@@ -26,6 +26,24 @@ RERUN_ENTRY = "ordered_rerun"
 FENCE_ENTRY = "ordered_fence"
 
 
+def delivered_partition(entries: Mapping[str, Any]) -> int:
+    """The partition whose queue delivered a message (its request entries), else its header, else -1.
+
+    The queue decides: the ``ordered_partition`` header of a producer that
+    is not ordered_tasks' own may be missing or wrong.
+    """
+    from ..conf import get_settings
+
+    queue = (entries.get("delivery_info") or {}).get("routing_key")
+    partition = get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+    if partition is not None:
+        return partition
+    try:
+        return int(entries.get(PARTITION_HEADER, -1))
+    except (TypeError, ValueError):
+        return -1
+
+
 def json_safe(value: Any) -> Any:
     """``value`` as plain JSON data (anything else becomes its repr)."""
     return json.loads(json.dumps(value, default=repr))

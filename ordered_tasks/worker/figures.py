@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..options import KEY_HEADER, PARTITION_HEADER, PUBLISHED_HEADER
+from ..options import KEY_HEADER, PUBLISHED_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +18,13 @@ logger = logging.getLogger(__name__)
 FLUSH_INTERVAL = 5.0
 #: At most this many keys get their ``last_activity`` written per batch.
 MAX_KEYS_PER_FLUSH = 1000
+#: Seconds without a task starting or ending, while its queue holds messages and nothing
+#: runs, after which a partition counts as stalled (logged, and marked in the admin).
+STALL_AFTER = 60.0
+#: Seconds between two broker queries of a worker that looks for stalled partitions,
+#: and between two warnings about the same stall.
+STALL_CHECK = 30.0
+STALL_REPEAT = 300.0
 
 
 @dataclass
@@ -39,6 +46,8 @@ class PartitionFigures:
     running: Running | None = None
     last_wait: float | None = None
     active: bool = False  #: ran something since the last write
+    progress_at: float = 0.0  #: when a task last started or ended here (0: never)
+    warned_at: float = 0.0  #: when its current stall was last logged
     #: (time, completed) at each write over the last minute, for the rate.
     history: deque[tuple[float, int]] = field(default_factory=lambda: deque([(time.time(), 0)], maxlen=64))
 
@@ -56,17 +65,23 @@ class Figures:
         self.keys_done: set[str] = set()
         self.lock = threading.Lock()
         self.worker = ""
+        #: Partitions that started a task since the broker connection was made (RabbitMQ:
+        #: only the active consumer of a single-active-consumer queue gets messages).
+        self.seen: set[int] = set()
 
-    def _of(self, request: Any) -> tuple[PartitionFigures | None, str]:
+    def _of(self, request: Any) -> tuple[int, PartitionFigures | None, str]:
+        """The partition whose queue delivered the request's message, its figures, and the key."""
+        from .delivery import delivered_partition
+
         headers = getattr(request, "_request_dict", None) or {}
-        partition = headers.get(PARTITION_HEADER)
-        if partition is None:
-            return None, ""
-        figures = self.partitions.setdefault(int(partition), PartitionFigures())
-        return figures, str(headers.get(KEY_HEADER, ""))
+        partition = delivered_partition(headers)
+        if partition < 0:
+            return -1, None, ""
+        figures = self.partitions.setdefault(partition, PartitionFigures())
+        return partition, figures, str(headers.get(KEY_HEADER, ""))
 
     def started(self, request: Any) -> None:
-        figures, key = self._of(request)
+        partition, figures, key = self._of(request)
         if figures is None:
             return
         now = time.time()
@@ -74,24 +89,27 @@ class Figures:
         with self.lock:
             figures.running = Running(request.name, request.id, key, now)
             figures.active = True
+            figures.progress_at = now
+            self.seen.add(partition)
             if isinstance(published, (int, float)):
                 figures.last_wait = max(0.0, now - published)
 
     def ended(self, request: Any) -> None:
         """The request's message was acknowledged or rejected: it will not run here again."""
-        figures, key = self._of(request)
+        _, figures, key = self._of(request)
         if figures is None:
             return
         with self.lock:
             figures.completed += 1
             figures.active = True
+            figures.progress_at = time.time()
             if figures.running is not None and figures.running.task_id == request.id:
                 figures.running = None
             if key:
                 self.keys_done.add(key)
 
     def failed(self, request: Any) -> None:
-        figures, _ = self._of(request)
+        _, figures, _ = self._of(request)
         if figures is not None:
             with self.lock:
                 figures.failed += 1
@@ -120,9 +138,43 @@ class Figures:
                         "running_task_id": running.task_id[:255] if running else "",
                         "running_key": running.key[:255] if running else "",
                         "running_since": _utc(running.since) if running else None,
+                        "progress_at": _utc(figures.progress_at) if figures.progress_at else None,
                     })
                 figures.active = False
         return rows, keys
+
+
+    def new_tenure(self) -> None:
+        """A new broker connection: the partitions this worker runs are not known yet."""
+        with self.lock:
+            self.seen.clear()
+
+    def idle(self, owned: set[int], now: float) -> list[int]:
+        """Owned partitions where nothing runs and nothing started or ended for :data:`STALL_AFTER`."""
+        with self.lock:
+            return sorted(p for p in owned
+                          if (f := self.partitions.get(p)) is None
+                          or (f.running is None and now - f.progress_at > STALL_AFTER))
+
+    def stalls(self, owned: set[int], depths: dict[int, int | None],
+               now: float) -> list[tuple[int, float, int]]:
+        """``(partition, seconds without progress, depth)`` of each stall to log now.
+
+        A stall is logged when it is found, then every :data:`STALL_REPEAT` seconds.
+        """
+        found = []
+        idle = set(self.idle(owned, now))
+        with self.lock:
+            for partition in sorted(owned):
+                figures = self.partitions.setdefault(partition, PartitionFigures(progress_at=now))
+                depth = depths.get(partition)
+                if partition not in idle or not depth:
+                    figures.warned_at = 0.0
+                    continue
+                if now - figures.warned_at >= STALL_REPEAT:
+                    figures.warned_at = now
+                    found.append((partition, now - figures.progress_at, depth))
+        return found
 
 
 def _utc(timestamp: float) -> dt.datetime:
@@ -158,8 +210,38 @@ def write(figures: Figures, owned: set[int]) -> None:
         AccountState.objects.filter(key__in=keys).update(last_activity=now)
 
 
-def start_reporting(worker: str) -> threading.Thread:
-    """Start the thread that writes this worker's figures every :data:`FLUSH_INTERVAL` seconds."""
+def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: float) -> None:
+    """Log each owned partition whose queue holds messages while nothing moved for a while.
+
+    The broker is asked only when some owned partition has been idle for
+    :data:`STALL_AFTER` seconds, so a busy worker never asks.
+    """
+    from ..brokerstats import BrokerUnavailable, queue_figures
+    from ..conf import get_settings
+
+    if not figures.idle(owned, now):
+        return
+    conf = get_settings()
+    try:
+        queues = queue_figures(broker_url, conf.queue_prefix, conf.partitions)
+    except BrokerUnavailable as exc:
+        logger.warning("Could not ask the broker for the depth of idle partitions: %s", exc)
+        return
+    depths = {partition: queue.depth for partition, queue in queues.items()}
+    for partition, quiet, depth in figures.stalls(owned, depths, now):
+        logger.warning(
+            "Partition %d has not moved for %.0f s although its queue holds %d message(s), and "
+            "this worker runs nothing of it. Look for errors above (broker or database), check "
+            "the partitions page of the admin, and restart this worker if it persists.",
+            partition, quiet, depth)
+
+
+def start_reporting(worker: str, broker_url: str = "") -> threading.Thread:
+    """Start the thread that writes this worker's figures every :data:`FLUSH_INTERVAL` seconds.
+
+    Every :data:`STALL_CHECK` seconds it also looks for stalled partitions
+    (see :func:`warn_about_stalls`).
+    """
     from .consumer import current_keeper
 
     FIGURES.worker = worker
@@ -167,12 +249,17 @@ def start_reporting(worker: str) -> threading.Thread:
     def run() -> None:
         from django.db import close_old_connections
 
+        checked = time.monotonic()
         while True:
             time.sleep(FLUSH_INTERVAL)
             keeper = current_keeper()
             close_old_connections()
+            owned = set(keeper.consuming) if keeper is not None else set(FIGURES.seen)
             try:
                 write(FIGURES, set(keeper.consuming) if keeper is not None else set())
+                if broker_url and time.monotonic() - checked >= STALL_CHECK:
+                    checked = time.monotonic()
+                    warn_about_stalls(FIGURES, owned, broker_url, time.time())
             except Exception as exc:
                 logger.warning("Could not write the partition figures: %r", exc)
 

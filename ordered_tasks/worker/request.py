@@ -12,12 +12,10 @@ from celery.worker import state
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from ..conf import get_settings
 from ..models import ParkedMessage
-from ..options import PARTITION_HEADER
 from .book import BOOK
 from .consumer import current_keeper, current_pool
-from .delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY
+from .delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
 from .figures import FIGURES
 from .unrunnable import hand_over
 
@@ -26,18 +24,6 @@ logger = logging.getLogger(__name__)
 #: Times a message is run again after its pool process died, before it is parked.
 MAX_RERUNS = 2
 _LOST: dict[str, int] = {}
-
-
-def _partition(entries: dict[str, Any]) -> int:
-    """The partition whose queue delivered the message (its header may be missing or wrong)."""
-    queue = (entries.get("delivery_info") or {}).get("routing_key")
-    partition = get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
-    if partition is not None:
-        return partition
-    try:
-        return int(entries.get(PARTITION_HEADER, -1))
-    except (TypeError, ValueError):
-        return -1
 
 
 class OrderedRequest(Request):  # type: ignore[misc]
@@ -56,7 +42,7 @@ class OrderedRequest(Request):  # type: ignore[misc]
         super().__init__(message, *args, **kwargs)
         entries = self._request_dict  # type: ignore[attr-defined]
         entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
-        partition = _partition(entries)
+        partition = delivered_partition(entries)
         BOOK.arrived(partition)
         keeper = current_keeper()
         if keeper is not None:
