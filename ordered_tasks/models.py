@@ -195,3 +195,16 @@ class PartitionStatus(models.Model):
 
     def __str__(self) -> str:
         return f"partition {self.partition}"
+
+
+class RevokedTask(models.Model):
+    """A task id an ordered worker was told to revoke, kept so that a restarted worker honours it."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    revoked_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ("-revoked_at",)
+
+    def __str__(self) -> str:
+        return f"revoked {self.task_id}"

@@ -200,6 +200,26 @@ def test_revoked_message_is_kept_as_a_record_and_its_key_goes_on(
     assert status(key) == "active"
 
 
+def test_a_revoke_is_honoured_by_a_worker_started_after_it(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    from ordered_tasks.models import RevokedTask
+
+    key = same_partition_keys(1)[0]
+    first = start_workers(1)
+    task_id = str(uuid.uuid4())
+    assert app.control.revoke(task_id, destination=first.nodes, reply=True, timeout=5)
+    eventually(lambda: RevokedTask.objects.filter(task_id=task_id).exists(), timeout=10,
+               what="the revoke to be kept")
+    assert first.stop() == 0
+    app.tasks[T + "strict_step"].apply_async(kwargs={"run": run, "key": key, "seq": 1}, task_id=task_id)
+    publish(app, "strict_step", run, (key, 2))
+    start_workers(1)  # knows nothing of the revoke but what was kept
+    assert wait_done(results, run, 1) == 1
+    assert ran(results, run, key) == [2]
+    row = eventually(lambda: ParkedMessage.objects.filter(key=key).first(), what="the revoked record")
+    assert (row.reason, row.state, row.task_id) == ("revoked", "skipped", task_id)
+
+
 def test_task_ordered_by_routes_blocks_and_replays_like_a_decorated_one(
         app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
     key = same_partition_keys(1)[0]

@@ -526,3 +526,24 @@ def test_replay_by_a_stale_owner_runs_nothing_and_changes_nothing(
     assert ran(results, run, key) == []
     assert AccountState.objects.get(key=key).status == "blocked"
     assert ParkedMessage.objects.filter(key=key, state="parked").count() == 3
+
+
+@pytest.mark.django_db
+def test_a_parked_message_revoked_meanwhile_is_set_aside_by_replay(app: Celery, run: str,
+                                                                   results: redis.Redis) -> None:
+    from celery.worker import state as worker_state
+
+    key = f"revoked-{run[:8]}"
+    fail(results, run, key, 1, times=1)
+    revoked_id = str(uuid.uuid4())
+    deliver(app, "strict_step", key, 1, run)
+    deliver(app, "strict_step", key, 2, run, task_id=revoked_id)
+    deliver(app, "strict_step", key, 3, run)
+    worker_state.revoked.add(revoked_id)
+    try:
+        assert apply_control(app, key, REPLAY, replay(key).pk) == "active"
+    finally:
+        worker_state.revoked.discard(revoked_id)
+    assert ran(results, run, key) == [1, 3]
+    row = ParkedMessage.objects.get(task_id=revoked_id)
+    assert row.state == "skipped" and "Revoked while parked" in row.exception

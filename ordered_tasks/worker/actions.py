@@ -25,6 +25,7 @@ from .book import BOOK
 from .delivery import CONTENT_ENTRY, FENCE_ENTRY
 from .fencing import FENCE
 from .guard import REPLAYING, Replaying, announce_blocked
+from .revokes import is_revoked
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
 
 def run_parked(app: Celery, row: ParkedMessage) -> str:
     """Run one parked message through Celery's tracer; ``ok``, ``continued``, ``retrying`` or ``blocked``."""
+    if row.task_id and is_revoked(row.task_id):
+        store.set_aside_revoked(row)
+        return "continued"
     task = app.tasks.get(row.task_name)
     if task is None:
         return _block(row, store.Reason.UNKNOWN_TASK,

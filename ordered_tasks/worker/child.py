@@ -46,6 +46,7 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     from .fencing import DEADLINES
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
+    from .revokes import DurableRevokes
     from .startup import ORDERED_APPS, ORDERED_CONCURRENCY
 
     install(app)
@@ -64,6 +65,7 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     if ReadyAwareHubStep not in app.steps["worker"]:
         app.steps["worker"].add(ReadyAwareHubStep)
     app.steps["consumer"].add(Leases)
+    app.steps["consumer"].add(DurableRevokes)
     app.finalize(auto=True)
     app.loader.import_default_modules()  # the worker's tasks, found now rather than at worker start
     check_tasks(app)

@@ -204,3 +204,11 @@ def refuse(delivery: Delivery, reason: str, error: str) -> AccountState:
         _add_row(state, delivery, reason=reason, state=ParkedMessage.State.REFUSED, exception=error)
         state.save(update_fields=["sequence", "updated_at"])
     return state
+
+
+def set_aside_revoked(row: ParkedMessage) -> None:
+    """A parked message whose task was revoked meanwhile: kept as a skipped record, not run."""
+    with fenced(row.partition):
+        row.state = ParkedMessage.State.SKIPPED
+        row.exception = f"Revoked while parked ({row.reason}); not run."
+        row.save(update_fields=["state", "exception", "updated_at"])
