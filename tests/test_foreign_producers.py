@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,40 @@ def test_messages_from_the_node_example_producer_run_in_order_with_python_ones(
     assert wait_done(results, run, 12, timeout=30) == 12
     assert all(ran(results, run, key) == [1, 2, 3] for key in keys)
     assert not ParkedMessage.objects.filter(key__in=keys).exists()
+
+
+def test_a_partition_queue_declared_without_single_active_consumer_is_reported_and_the_rest_served(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis, run: str,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    if not broker.startswith("amqp"):
+        pytest.skip("queue arguments are RabbitMQ's")
+    from kombu import Queue
+
+    bad, good = f"nosac-{run[:6]}", f"fine-{run[:6]}"
+    while partition_for(good) == partition_for(bad):
+        good += "x"
+    name = partition_queue(get_settings().queue_prefix, partition_for(bad)).name
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        channel.queue_delete(name)
+        Queue(name, durable=True)(channel).declare()  # as celery-node does: no arguments
+    try:
+        workers = start_workers(1)
+        task = app.tasks[T + "ordered_record"]
+        task.delay(run=run, key=good, seq=1)
+        assert wait_done(results, run, 1, timeout=30) == 1
+        with app.connection_for_write() as conn:
+            # as another producer publishes into its queue
+            conn.Producer().publish({}, exchange="", routing_key=name, serializer="json")
+        time.sleep(3)
+        assert workers.process.poll() is None and len(workers.child_pids()) == 1
+        output = capfd.readouterr()
+        text = output.out + output.err
+        assert text.count(f"Not consuming partition {partition_for(bad)}") == 1
+        assert "exited with" not in text  # the worker was not restarted
+        with app.connection_for_write() as conn:
+            _, depth, _ = conn.default_channel.queue_declare(name, passive=True)
+        assert depth == 1  # left waiting, not consumed without single active consumer
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(name)

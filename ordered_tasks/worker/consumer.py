@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from types import MethodType
 from typing import Any
@@ -25,6 +26,7 @@ from .startup import ORDERED_APPS
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
+logger = logging.getLogger(__name__)
 _current: weakref.ref[OrderedConsumer] | None = None
 
 
@@ -70,9 +72,55 @@ def _start_tasks_step(step: Tasks, c: Any) -> None:
     """
     if _is_amqp(c):
         c.initial_prefetch_count = 1
+        consume_declarable_queues(c)
     BOOK.new_tenure()  # a new connection: another worker may have had the partitions
     FIGURES.new_tenure()
     Tasks.start(step, c)
+
+
+#: Partition queues this process reported as declared without single active consumer.
+_REFUSED: set[str] = set()
+
+
+def consume_declarable_queues(c: Any) -> None:
+    """RabbitMQ: consume only the partition queues declared as ordered_tasks declares them.
+
+    A producer in another language that declares a partition queue first,
+    without ``x-single-active-consumer`` (celery-node declares with no
+    arguments), makes every declaration of ours fail with ``406
+    PRECONDITION_FAILED``, and Celery would restart the consumer over and
+    over, serving no partition at all. Such a queue is left alone (its
+    messages wait, in order) and reported once; the others are served. The
+    check runs at every (re)connection, so a queue fixed meanwhile is
+    consumed again.
+    """
+    app = c.app
+    partitions = ORDERED_APPS.get(app) or []
+    prefix = get_settings().queue_prefix
+    channel = c.connection.channel()
+    try:
+        for partition in partitions:
+            queue = partition_queue(prefix, partition)
+            try:
+                queue(channel).declare()
+            except c.connection.channel_errors as exc:
+                channel = c.connection.channel()  # the broker closed the other one
+                app.amqp.queues.deselect(queue.name)
+                if queue.name not in _REFUSED:
+                    _REFUSED.add(queue.name)
+                    logger.error(
+                        "Not consuming partition %d: its queue %s exists with other arguments than "
+                        "ordered_tasks declares (%r), probably declared by another producer without "
+                        "x-single-active-consumer. Its messages wait. Drain and delete the queue, "
+                        "and let only ordered_tasks declare it (see the partitioning page of the "
+                        "docs); this worker checks again when it reconnects.", partition, queue.name, exc)
+                continue
+            app.amqp.queues.select_add(queue)
+            if queue.name in _REFUSED:
+                _REFUSED.discard(queue.name)
+                logger.warning("Consuming partition %d again: its queue is declared as expected.", partition)
+    finally:
+        channel.close()
 
 
 def _per_consumer_qos(step: Tasks, c: Any) -> bool:
