@@ -156,3 +156,10 @@ def test_executions_are_paired_from_the_recorded_events() -> None:
     first, second = executions_from_events(events)
     assert (first.end, first.outcome) == (1.5, "fail")
     assert (second.end, second.outcome, second.busy_until()) == (None, None, 3.5)
+
+
+def test_a_message_of_a_partition_that_still_has_waiting_messages_did_not_run() -> None:
+    history = clean()
+    history.executions = [e for e in history.executions if not (e.key == "a" and e.seq == 2)]
+    history.final_depths = {partition_of("a", P): 1}
+    assert [v.rule for v in check_lost(history)] == ["not-run"]

@@ -51,7 +51,11 @@ def expected_messages(history: History) -> dict[MessageId, str]:
 
 
 def check_lost(history: History) -> list[Violation]:
-    """Every message ran to the end, or has a ParkedMessage row (parked, skipped, revoked)."""
+    """Every message ran to the end, or has a ParkedMessage row (parked, skipped, revoked).
+
+    A message that did not, in a partition whose queue is not empty at the end,
+    is reported as ``not-run`` rather than ``lost``: it may still be waiting.
+    """
     ran = {ex.message for ex in history.executions if ex.outcome == "ok"}
     row_ids = {r.task_id for r in history.rows} | {r.message for r in history.rows if r.message}
     revoked = {p.message for p in history.publishes if p.revoked}
@@ -59,7 +63,13 @@ def check_lost(history: History) -> list[Violation]:
     for message, task_id in sorted(expected_messages(history).items()):
         if message not in ran and message not in row_ids and task_id not in row_ids:
             why = " (revoked)" if message in revoked else ""
-            lost.append(Violation("lost", f"{_name(message)} [{task_id}]{why} neither ran nor was parked"))
+            waiting = history.final_depths.get(partition_of(message[0], history.partitions), 0)
+            if waiting:  # probably one of them: the drain rule reports the stall
+                lost.append(Violation("not-run", f"{_name(message)} [{task_id}]{why} did not run; its "
+                                                 f"partition still has {waiting} waiting message(s)"))
+            else:
+                lost.append(Violation("lost", f"{_name(message)} [{task_id}]{why} neither ran nor was "
+                                              f"parked, and its partition's queue is empty"))
     return lost
 
 
@@ -72,7 +82,7 @@ def _first_starts(executions: Iterable[Execution]) -> dict[MessageId, float]:
 
 def check_order(history: History) -> list[Violation]:
     """Per key, first runs follow publish order, and no rerun starts after a later message started."""
-    violations = []
+    violations, t0 = [], history.t0
     by_key: dict[str, list[Execution]] = defaultdict(list)
     for ex in history.executions:
         by_key[ex.key].append(ex)
@@ -80,18 +90,18 @@ def check_order(history: History) -> list[Violation]:
         first = _first_starts(executions)
         for a, b in itertools.permutations(first, 2):
             if precedes(a, b) and first[b] < first[a]:
-                violations.append(Violation("order", f"key {key}: {_name(b)} first ran at {first[b]:.3f}, "
-                                                     f"before {_name(a)} at {first[a]:.3f}"))
+                violations.append(Violation("order", f"key {key}: {_name(b)} first ran at {first[b] - t0:.3f}, "
+                                                     f"before {_name(a)} at {first[a] - t0:.3f}"))
         for ex in executions:
             for b, started in first.items():
                 if precedes(ex.message, b) and first[ex.message] < started < ex.start:
                     violations.append(Violation(
-                        "late-rerun", f"key {key}: {_name(ex.message)} ran again at {ex.start:.3f} "
-                                      f"(pid {ex.pid}) after {_name(b)} started at {started:.3f}"))
+                        "late-rerun", f"key {key}: {_name(ex.message)} ran again at {ex.start - t0:.3f} "
+                                      f"(pid {ex.pid}) after {_name(b)} started at {started - t0:.3f}"))
     return violations
 
 
-def _overlaps(groups: dict[object, list[Execution]], rule: str) -> list[Violation]:
+def _overlaps(groups: dict[object, list[Execution]], rule: str, t0: float) -> list[Violation]:
     violations = []
     for group, executions in sorted(groups.items(), key=lambda item: str(item[0])):
         ended = sorted((ex for ex in executions if ex.end is not None), key=lambda ex: ex.start)
@@ -99,8 +109,8 @@ def _overlaps(groups: dict[object, list[Execution]], rule: str) -> list[Violatio
         for ex in ended:
             if latest is not None and latest.end is not None and ex.start < latest.end:
                 violations.append(Violation(rule, f"{group}: {_name(ex.message)} (pid {ex.pid}) started at "
-                                                  f"{ex.start:.3f} while {_name(latest.message)} (pid "
-                                                  f"{latest.pid}) ran until {latest.end:.3f}"))
+                                                  f"{ex.start - t0:.3f} while {_name(latest.message)} (pid "
+                                                  f"{latest.pid}) ran until {latest.end - t0:.3f}"))
             if latest is None or (ex.end or 0) > (latest.end or 0):
                 latest = ex
     return violations
@@ -113,7 +123,7 @@ def check_overlap(history: History) -> list[Violation]:
     for ex in history.executions:
         by_key[f"key {ex.key}"].append(ex)
         by_partition[f"partition {partition_of(ex.key, history.partitions)}"].append(ex)
-    return _overlaps(by_key, "overlap") + _overlaps(by_partition, "partition-overlap")
+    return _overlaps(by_key, "overlap", history.t0) + _overlaps(by_partition, "partition-overlap", history.t0)
 
 
 def check_duplicates(history: History) -> list[Violation]:
@@ -166,7 +176,8 @@ def check_idle(history: History, bound: float = IDLE_BOUND) -> list[Violation]:
                 since, reported = sample.t, False
             elif not reported and sample.t - since - _excused(history, since, sample.t) > bound:
                 violations.append(Violation("idle", f"partition {p}: {depth} message(s) waited without "
-                                                    f"progress from {since:.3f} to {sample.t:.3f}"))
+                                                    f"progress from {since - history.t0:.3f} to "
+                                                    f"{sample.t - history.t0:.3f}"))
                 reported = True
             previous = sample
     return violations

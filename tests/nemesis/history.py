@@ -94,6 +94,11 @@ class History:
     final_depths: dict[int, int] = field(default_factory=dict)
     partitions: int = 8
 
+    @property
+    def t0(self) -> float:
+        """When the run began (its first publish): violations give times in seconds from then."""
+        return min((p.t for p in self.publishes), default=0.0)
+
     def to_json(self) -> str:
         """A dump to keep next to a failing seed."""
         from dataclasses import asdict
