@@ -54,13 +54,12 @@ def plan(profile: str, broker: str, enable: str = "", disable: str = "") -> Plan
     several long idle periods and tasks longer than 25 s.
     """
     if profile == "long":
-        result = Plan(workload=WorkloadConfig(bursts=14, long_idles=4, long_tasks=True, keys=80),
-                      drain_timeout=240.0)
+        result = Plan(workload=WorkloadConfig(bursts=14, long_idles=4, long_tasks=True, keys=80,
+                                              raw_without_partition=True), drain_timeout=240.0)
     else:
         result = Plan(workload=WorkloadConfig(bursts=8, burst_size=(15, 40)))
         for name in KNOWN_BUGS.get(broker, set()):
             _switch(result, name, False)
-    result.workload.raw_without_partition = profile == "long" and result.workload.raw_without_partition
     names = [n.strip() for n in enable.split(",") if n.strip()]
     if "all" in names:
         names = [n for n in WorkloadConfig.switches() + NemesisConfig.switches()
