@@ -11,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--disable", default="", help="comma-separated switches to turn off")
     parser.add_argument("--disruptive", action="store_true",
                         help="also restart the broker and close the database (never on a shared machine)")
-    parser.add_argument("--dump-dir", default=os.environ.get("NEMESIS_DUMP_DIR", "nemesis-histories"),
+    default_dump = os.path.join(tempfile.gettempdir(), "nemesis-histories")
+    parser.add_argument("--dump-dir", default=os.environ.get("NEMESIS_DUMP_DIR", default_dump),
                         help="where the history of every failing seed is written")
     return parser.parse_args(argv)
 
