@@ -133,6 +133,8 @@ def test_progress_resets_the_idle_clock() -> None:
     p = partition_of("a", P)
     history.samples = [Sample(20.0 + i, {p: 3 if i < 20 else 2}) for i in range(40)]
     assert check_idle(history, bound=30.0) == []
+    history.samples = [Sample(20.0 + i, {p: 3 + i // 10}) for i in range(40)]  # only publishes: no progress
+    assert [v.rule for v in check_idle(history, bound=30.0)] == ["idle"]
     history.samples = [Sample(20.0 + i, {p: 3}) for i in range(40)]
     history.executions.append(ex("a", 3, 21.0, 50.0))  # a long task keeps its partition busy
     history.publishes.append(pub("a", 3))

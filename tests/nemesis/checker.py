@@ -154,7 +154,11 @@ def _excused(history: History, start: float, end: float) -> float:
 
 
 def check_idle(history: History, bound: float = IDLE_BOUND) -> list[Violation]:
-    """No partition keeps waiting messages without progress for longer than ``bound`` seconds."""
+    """No partition keeps waiting messages without progress for longer than ``bound`` seconds.
+
+    Progress is an execution starting or ending, or the queue getting shorter (a
+    message parked); a queue that only grows (publishes, replay requests) is stalled.
+    """
     events: dict[int, list[float]] = defaultdict(list)
     busy: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for ex in history.executions:
@@ -170,7 +174,7 @@ def check_idle(history: History, bound: float = IDLE_BOUND) -> list[Violation]:
             depth = sample.depths.get(p, 0)
             if depth == 0:
                 since, reported = None, False
-            elif since is None or previous is None or depth != previous.depths.get(p, 0) or any(
+            elif since is None or previous is None or depth < previous.depths.get(p, 0) or any(
                     previous.t < t <= sample.t for t in events[p]) or any(
                     s < sample.t and e > previous.t for s, e in busy[p]):
                 since, reported = sample.t, False

@@ -107,9 +107,14 @@ class Outcome:
                  f"{len(self.history.executions)} executions, faults {faults}",
                  f"switches on: {describe(self.plan)}",
                  f"replay with: NEMESIS_SEED={self.seed}"]
-        lines += [f"  {v}" for v in self.violations[:40]]
-        if len(self.violations) > 40:
-            lines.append(f"  ... and {len(self.violations) - 40} more")
+        shown = [v for v in self.violations if v.rule != "not-run"]
+        lines += [f"  {v}" for v in shown[:40]]
+        if len(shown) > 40:
+            lines.append(f"  ... and {len(shown) - 40} more")
+        not_run = [v.detail.split(" ", 1)[0] for v in self.violations if v.rule == "not-run"]
+        if not_run:
+            lines.append(f"  [not-run] {len(not_run)} message(s) of stalled partitions did not run: "
+                         + ", ".join(not_run[:8]) + (", ..." if len(not_run) > 8 else ""))
         return "\n".join(lines)
 
 
