@@ -149,3 +149,4 @@ def rewriting_step(self: Any, run: str, key: Any, seq: int) -> None:
     if self.request.retries < 2:
         raise self.retry(kwargs={"run": run, "key": key, "seq": seq + 100}, countdown=0)
     record(run, key, seq, 0.0)
+import tests.testapp.nemesis_tasks  # noqa: E402, F401  (the nemesis harness tasks, in every worker)

@@ -1,0 +1,1 @@
+"""A randomized, seeded adversarial test of ordered workers: workload, nemesis, history, checker."""
