@@ -27,9 +27,9 @@ from tests.nemesis.workload import Idle, Operator, Publish, Revoke, WorkloadConf
 from tests.testapp.nemesis_tasks import SELF_RETRY_STEP, STEP, events_key, poison_key
 
 #: Switches that hit the bugs reported on each broker; off in CI runs until they are fixed.
-KNOWN_BUGS = {
-    "redis": {"long_idle", "stop_past_lease", "raw_without_partition"},
-    "rabbitmq": {"raw_without_partition"},
+KNOWN_BUGS: dict[str, set[str]] = {
+    "redis": set(),
+    "rabbitmq": set(),
 }
 
 
@@ -57,7 +57,7 @@ def plan(profile: str, broker: str, enable: str = "", disable: str = "") -> Plan
         result = Plan(workload=WorkloadConfig(bursts=14, long_idles=4, long_tasks=True, keys=80,
                                               raw_without_partition=True), drain_timeout=240.0)
     else:
-        result = Plan(workload=WorkloadConfig(bursts=8, burst_size=(15, 40)))
+        result = Plan(workload=WorkloadConfig(bursts=8, burst_size=(15, 40), raw_without_partition=True))
         for name in KNOWN_BUGS.get(broker, set()):
             _switch(result, name, False)
     names = [n.strip() for n in enable.split(",") if n.strip()]
