@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kombu import Connection
 
-from .conf import REDIS_SCHEMES
+from .coordination import client_for, is_redis
 from .options import PUBLISHED_HEADER
 from .partitioning import queue_name
 
@@ -30,12 +31,13 @@ class BrokerUnavailable(Exception):
     """The broker did not answer; the message says why."""
 
 
-def queue_figures(broker_url: str, prefix: str, partitions: int) -> dict[int, QueueFigures]:
+def queue_figures(broker_url: str, prefix: str, partitions: int,
+                  transport_options: Mapping[str, Any] | None = None) -> dict[int, QueueFigures]:
     """Depth (and on Redis the head's age) of every partition queue, in one connection."""
     names = {p: queue_name(prefix, p) for p in range(partitions)}
     try:
-        if broker_url.startswith(REDIS_SCHEMES):
-            return _redis(broker_url, names)
+        if is_redis(broker_url):
+            return _redis(broker_url, names, transport_options)
         return _amqp(broker_url, names)
     except BrokerUnavailable:
         raise
@@ -43,10 +45,10 @@ def queue_figures(broker_url: str, prefix: str, partitions: int) -> dict[int, Qu
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _redis(url: str, names: dict[int, str]) -> dict[int, QueueFigures]:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=BROKER_TIMEOUT, socket_connect_timeout=BROKER_TIMEOUT)
+def _redis(url: str, names: dict[int, str],
+           transport_options: Mapping[str, Any] | None) -> dict[int, QueueFigures]:
+    client = client_for(url, transport_options, socket_timeout=BROKER_TIMEOUT,
+                        socket_connect_timeout=BROKER_TIMEOUT)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names.values():

@@ -55,13 +55,20 @@ def broker_url() -> str:
     return url
 
 
+def transport_options() -> dict[str, Any]:
+    """The broker transport options of the project's Celery app (Sentinel's ``master_name``)."""
+    from .celery_app import find_celery_app
+
+    return dict(find_celery_app().conf.broker_transport_options or {})
+
+
 def overview(now: datetime | None = None) -> tuple[list[PartitionRow], str | None]:
     """Every partition's row, and why the broker could not be asked (None if it answered)."""
     now = now or timezone.now()
     conf = get_settings()
     error = None
     try:
-        queues = queue_figures(broker_url(), conf.queue_prefix, conf.partitions)
+        queues = queue_figures(broker_url(), conf.queue_prefix, conf.partitions, transport_options())
     except (BrokerUnavailable, ConfigurationError) as exc:  # no broker, or no Celery app to ask
         queues, error = {}, str(exc)
     statuses = {s.partition: s for s in PartitionStatus.objects.filter(partition__lt=conf.partitions)}

@@ -74,8 +74,11 @@ CELERY_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/14
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
 if os.environ.get("TEST_HEALTH_CHECK_INTERVAL"):  # kombu's Redis default is 25 s
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"health_check_interval": int(os.environ["TEST_HEALTH_CHECK_INTERVAL"])}
+    CELERY_BROKER_TRANSPORT_OPTIONS["health_check_interval"] = int(os.environ["TEST_HEALTH_CHECK_INTERVAL"])
+if os.environ.get("TEST_SENTINEL_MASTER"):  # a sentinel:// TEST_BROKER_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS["master_name"] = os.environ["TEST_SENTINEL_MASTER"]
 PLAIN_QUEUE = os.environ.get("TEST_PLAIN_QUEUE", "tests.plain")
 CELERY_TASK_ROUTES = {"tests.testapp.tasks.plain_record": {"queue": PLAIN_QUEUE}}
 
@@ -86,7 +89,7 @@ ORDERED_TASKS = {
     "ROUTES": {"events.*": "key"},
     "CELERY_APP": "tests.testapp.celery:app",
     # Leases and the completion ledger, whichever broker the test uses.
-    "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14"),
+    "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14") or None,
 }
 # Fast hashing: the admin tests create users with passwords.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -78,7 +78,8 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     def report(sender: Any = None, **_: object) -> None:
         from .figures import start_reporting
 
-        start_reporting(getattr(sender, "hostname", "") or "", app.conf.broker_url or "")
+        start_reporting(getattr(sender, "hostname", "") or "", app.conf.broker_url or "",
+                        dict(app.conf.broker_transport_options or {}))
 
     if concurrency == 1:
         signals.worker_init.connect(_first_come_first_served, weak=False)

@@ -7,13 +7,14 @@ import weakref
 from types import MethodType
 from typing import Any
 
-import redis
 from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.tasks import Tasks
 
 from ..conf import get_settings
+from ..coordination import coordination_client
+from ..exceptions import ConfigurationError
 from ..models import ParkedMessage
 from ..queues import partition_queue
 from ..routing import key_spec_for
@@ -227,8 +228,10 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         conf = get_settings()
         if _keeper is None:
-            url = conf.coordination_url(c.app.conf.broker_url) or c.app.conf.broker_url
-            keeper = _keeper = LeaseKeeper(redis.Redis.from_url(url), conf.queue_prefix, partitions)
+            client = coordination_client(c.app)
+            if client is None:  # a Redis broker always gives one
+                raise ConfigurationError("ordered workers on Redis need a coordination Redis")
+            keeper = _keeper = LeaseKeeper(client, conf.queue_prefix, partitions)
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
         requeue_at_head(c)
         self.wake = fetch_reliably(c.task_consumer.channel, c.timer)

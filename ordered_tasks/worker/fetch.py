@@ -180,6 +180,15 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
             raise
 
 
+class ReliableSentinelChannel(ReliableChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """The reliable fetch on a channel that finds its Redis master through Sentinel."""
+
+
+#: kombu's Redis channel classes, and the reliable variant of each.
+_RELIABLE: dict[type, type] = {kombu_redis.Channel: ReliableChannel,
+                               kombu_redis.SentinelChannel: ReliableSentinelChannel}
+
+
 def _unacknowledged_queues(qos: Any) -> set[str]:
     """The queues of the messages this channel holds unacknowledged.
 
@@ -196,12 +205,13 @@ def fetch_reliably(channel: Any, timer: Any) -> Any:
     Returns the timer entry that wakes the event loop while the channel
     waits after an empty fetch, and sends acknowledgements that Redis did
     not take again (cancel it when the consumer stops), or None when the
-    channel is not kombu's plain Redis channel (Sentinel, say), which keeps
-    ``BRPOP``.
+    channel is neither kombu's Redis channel nor its Sentinel channel (it
+    then keeps ``BRPOP``).
     """
-    if type(channel) is not kombu_redis.Channel:
+    reliable = _RELIABLE.get(type(channel))
+    if reliable is None:
         return None
-    channel.__class__ = ReliableChannel
+    channel.__class__ = reliable
     # The event loop polls the channels again after every timer.
     return timer.call_repeatedly(IDLE_WAIT, ReliableChannel.send_unsent_acknowledgements, (channel,),
                                  priority=10)

@@ -210,7 +210,8 @@ def write(figures: Figures, owned: set[int]) -> None:
         AccountState.objects.filter(key__in=keys).update(last_activity=now)
 
 
-def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: float) -> None:
+def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: float,
+                      transport_options: dict[str, Any] | None = None) -> None:
     """Log each owned partition whose queue holds messages while nothing moved for a while.
 
     The broker is asked only when some owned partition has been idle for
@@ -223,7 +224,7 @@ def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: f
         return
     conf = get_settings()
     try:
-        queues = queue_figures(broker_url, conf.queue_prefix, conf.partitions)
+        queues = queue_figures(broker_url, conf.queue_prefix, conf.partitions, transport_options)
     except BrokerUnavailable as exc:
         logger.warning("Could not ask the broker for the depth of idle partitions: %s", exc)
         return
@@ -236,7 +237,8 @@ def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: f
             partition, quiet, depth)
 
 
-def start_reporting(worker: str, broker_url: str = "") -> threading.Thread:
+def start_reporting(worker: str, broker_url: str = "",
+                    transport_options: dict[str, Any] | None = None) -> threading.Thread:
     """Start the thread that writes this worker's figures every :data:`FLUSH_INTERVAL` seconds.
 
     Every :data:`STALL_CHECK` seconds it also looks for stalled partitions
@@ -259,7 +261,7 @@ def start_reporting(worker: str, broker_url: str = "") -> threading.Thread:
                 write(FIGURES, set(keeper.consuming) if keeper is not None else set())
                 if broker_url and time.monotonic() - checked >= STALL_CHECK:
                     checked = time.monotonic()
-                    warn_about_stalls(FIGURES, owned, broker_url, time.time())
+                    warn_about_stalls(FIGURES, owned, broker_url, time.time(), transport_options)
             except Exception as exc:
                 logger.warning("Could not write the partition figures: %r", exc)
 

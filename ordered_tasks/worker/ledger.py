@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import redis
 
 from ..conf import get_settings
+from ..coordination import coordination_client
 from ..partitioning import queue_name
 from .unanswered import Unanswered
 
@@ -70,13 +70,14 @@ class Ledger:
             return False
 
 
-@functools.lru_cache(maxsize=4)
-def _ledger(url: str, prefix: str) -> Ledger:
-    return Ledger(redis.Redis.from_url(url), prefix)
+_LEDGERS: dict[tuple[int, str], Ledger | None] = {}
 
 
 def ledger_for(app: Any) -> Ledger | None:
     """The ledger of this process, or None when no Redis is configured or available."""
     conf = get_settings()
-    url = conf.coordination_url(app.conf.broker_url)
-    return _ledger(url, conf.queue_prefix) if url else None
+    key = (id(app), conf.queue_prefix)
+    if key not in _LEDGERS:
+        client = coordination_client(app)
+        _LEDGERS[key] = Ledger(client, conf.queue_prefix) if client is not None else None
+    return _LEDGERS[key]
