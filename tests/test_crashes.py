@@ -137,3 +137,67 @@ def test_a_worker_frozen_past_its_lease_does_not_run_what_it_held_after_the_new_
                what="the thawed owner to finish the task it was running")
     time.sleep(3.0)  # it would start the held message now
     assert recorded(results, run, held) == [1, 2]
+
+
+def keys_of_partition(partition: int, count: int) -> list[str]:
+    """``count`` keys that hash onto ``partition``."""
+    found = (f"p{partition}-{i}" for i in range(100_000))
+    return [key for key in found if partition_for(key) == partition][:count]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_warm_shutdown_hands_over_to_the_standby_while_publishing_and_loses_nothing(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis) -> None:
+    """The owner's consumers end with its connection, never with a cancel.
+
+    A cancel of the active consumer of a single-active-consumer queue promotes
+    the standby while the owner still holds a message of the partition. On
+    RabbitMQ 3.10 a message published while the cancel is under way can also
+    crash the queue (``{badmatch,false}`` as it delivers): the queue loses the
+    messages it held and those published until it restarts, and the owner's
+    shutdown waits on its cancel until then. The owner cancels its queues one
+    after the other, partition 0 first, so partition 0 gets every message,
+    before and throughout the owner's shutdown.
+    """
+    if not broker.startswith("amqp"):
+        pytest.skip("single active consumer is RabbitMQ's; Redis hands over with leases")
+    from ordered_tasks.models import ParkedMessage
+
+    run = uuid.uuid4().hex
+    keys = keys_of_partition(0, 10)
+    task = app.tasks["tests.testapp.tasks.ordered_record"]
+    owner = start_workers(1)
+    start_workers(1)  # the standby
+    seq = 0
+    stopping_since = None
+    with app.producer_or_acquire() as producer:
+        # More than the owner drains: messages wait in the queue when it stops, and
+        # keep arriving until its connection is closed (or for 10 s).
+        while owner.process.poll() is None and (
+                stopping_since is None or time.monotonic() < stopping_since + 10):
+            seq += 1
+            for key in keys:
+                task.apply_async(kwargs={"run": run, "key": key, "seq": seq}, producer=producer)
+            if seq == 150:
+                owner.process.send_signal(signal.SIGTERM)
+                stopping_since = time.monotonic()
+    try:
+        owner.process.wait(10)
+    except subprocess.TimeoutExpired:
+        for pid in worker_processes(owner):  # stuck in its shutdown: leave nothing behind
+            subprocess.run(["kill", "-KILL", str(pid)], check=False)
+        owner.process.kill()
+        pytest.fail("the owner's warm shutdown did not end within 20 s")
+    assert owner.process.returncode == 0
+    total = seq * len(keys)
+    wait_done(results, run, total, timeout=60)
+    ran = {key: [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)] for key in keys}
+    missing = {key: sorted(set(range(1, seq + 1)) - set(seqs)) for key, seqs in ran.items()}
+    lost = sum(len(m) for m in missing.values())
+    assert not lost, f"{lost} of {total} messages never ran: {missing}"
+    assert not ParkedMessage.objects.exists()
+    for key, seqs in ran.items():
+        collapsed = [s for i, s in enumerate(seqs) if i == 0 or s != seqs[i - 1]]
+        assert collapsed == list(range(1, seq + 1)), f"key {key} ran out of order: {seqs}"
+    assert_partitions_never_overlap(results, run)

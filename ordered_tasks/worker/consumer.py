@@ -50,33 +50,41 @@ def _is_amqp(consumer: Any) -> bool:
     return connection is not None and connection.transport.driver_type == "amqp"
 
 
-def _stop_tasks_step(step: Tasks, c: Any) -> None:
-    """Stop of Celery's ``Tasks`` step, except that a RabbitMQ consumer is not cancelled.
+def _never_cancel() -> None:
+    """``cancel`` (and its alias ``close``) of a RabbitMQ task consumer: nothing is cancelled.
 
-    Cancelling makes RabbitMQ promote a standby consumer of the
-    single-active-consumer queue at once, while this worker still runs (and
-    has not acknowledged) its task: the standby could start the next message
-    of the partition. Without the cancel, the handover happens when the
-    connection closes, after the running task has been acknowledged.
+    Celery cancels the task consumer when it stops (a lost connection), at a
+    warm shutdown (``Tasks.shutdown`` calls kombu's ``close``, which is
+    ``cancel``) and at a cold shutdown, each time before the connection
+    closes. Cancelling makes RabbitMQ promote a standby consumer of the
+    single-active-consumer queue at once, while this worker still runs, or
+    holds unacknowledged, a message of the partition: the standby could run
+    later messages of the partition first. RabbitMQ 3.10 also fails to feed
+    the promoted consumer after a cancel, and the next message published to
+    the queue crashes the queue process, which loses the messages it held
+    and those published until it restarts. Without the cancel, the handover
+    happens when the connection closes: RabbitMQ puts the unacknowledged
+    messages back in their place, then promotes the standby.
     """
-    if _is_amqp(c):
-        return
-    Tasks.stop(step, c)
 
 
 def _start_tasks_step(step: Tasks, c: Any) -> None:
-    """Start of Celery's ``Tasks`` step, with a prefetch limit of 1 per partition queue on RabbitMQ.
+    """Start of Celery's ``Tasks`` step; on RabbitMQ, a prefetch limit of 1 per partition queue and no cancel.
 
     Celery would allow concurrency times prefetch multiplier unacknowledged
     messages per consumer; a worker with several pool processes would then
-    run two messages of one partition at once.
+    run two messages of one partition at once. The task consumer is never
+    cancelled (see :func:`_never_cancel`).
     """
-    if _is_amqp(c):
+    amqp = _is_amqp(c)
+    if amqp:
         c.initial_prefetch_count = 1
         consume_declarable_queues(c)
     BOOK.new_tenure()  # a new connection: another worker may have had the partitions
     FIGURES.new_tenure()
     Tasks.start(step, c)
+    if amqp:
+        c.task_consumer.cancel = c.task_consumer.close = _never_cancel
 
 
 #: Partition queues this process reported as declared without single active consumer.
@@ -153,7 +161,6 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         for step in self.blueprint.steps.values():
             if isinstance(step, Tasks):
                 step.start = MethodType(_start_tasks_step, step)  # type: ignore[method-assign]
-                step.stop = MethodType(_stop_tasks_step, step)  # type: ignore[method-assign]
                 step.qos_global = MethodType(_per_consumer_qos, step)  # type: ignore[method-assign]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
