@@ -183,12 +183,12 @@ def test_a_warm_shutdown_hands_over_to_the_standby_while_publishing_and_loses_no
                 owner.process.send_signal(signal.SIGTERM)
                 stopping_since = time.monotonic()
     try:
-        owner.process.wait(10)
+        owner.process.wait(30)  # a few seconds alone; the old code's cancel hung for minutes
     except subprocess.TimeoutExpired:
         for pid in worker_processes(owner):  # stuck in its shutdown: leave nothing behind
             subprocess.run(["kill", "-KILL", str(pid)], check=False)
         owner.process.kill()
-        pytest.fail("the owner's warm shutdown did not end within 20 s")
+        pytest.fail("the owner's warm shutdown did not end within 30 s of the last publish")
     assert owner.process.returncode == 0
     total = seq * len(keys)
     wait_done(results, run, total, timeout=60)
