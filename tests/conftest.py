@@ -220,3 +220,30 @@ def wait_done(results: redis.Redis, run: str, total: int, timeout: float = 120.0
             return done
         time.sleep(0.05)
     return int(results.get(f"{run}:done") or 0)
+
+
+def holding_consumer(channel: Any, queues: list[Queue]) -> tuple[Any, list[Any], Callable[[], None]]:
+    """A consumer that keeps what it receives unacknowledged, on a Redis channel set up as a worker's.
+
+    Returns the consumer (call ``consume()``), the list of received messages,
+    and a function that delivers what the channel fetches, for up to 1.5 s.
+    """
+    from types import SimpleNamespace
+
+    from kombu import Consumer
+
+    from ordered_tasks.worker.requeue import requeue_at_head
+
+    held: list[Any] = []
+    consumer = Consumer(channel, queues, accept=["json"], callbacks=[lambda body, message: held.append(message)])
+    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
+    channel.basic_qos(prefetch_count=10)  # the worker's limit is its partition count
+
+    def drain() -> None:
+        for _ in range(5):
+            try:
+                channel.connection.client.drain_events(timeout=0.3)
+            except TimeoutError:
+                return
+
+    return consumer, held, drain

@@ -13,6 +13,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
 from ordered_tasks.worker.leases import LeaseKeeper, restore_to_head
+from tests.conftest import holding_consumer
 
 pytestmark = pytest.mark.integration
 
@@ -238,28 +239,13 @@ def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -
 
 def test_the_reliable_fetch_takes_one_message_per_queue_and_acknowledges_without_waiting(
         channel: Any) -> None:
-    from types import SimpleNamespace
-
     from ordered_tasks.worker.fetch import ReliableChannel
-    from ordered_tasks.worker.requeue import requeue_at_head
 
     channel.__class__ = ReliableChannel
     first, second = (_queue(f"q-{uuid.uuid4().hex[:8]}") for _ in range(2))
     _publish(channel, first, "a1", "a2", "a3")
     _publish(channel, second, "b1")
-    held: list[Any] = []
-    consumer = Consumer(channel, [first, second], accept=["json"],
-                        callbacks=[lambda body, message: held.append(message)])
-    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
-    channel.basic_qos(prefetch_count=10)  # the worker's limit is its partition count
-
-    def drain() -> None:
-        for _ in range(5):
-            try:
-                channel.connection.client.drain_events(timeout=0.3)
-            except TimeoutError:
-                return
-
+    consumer, held, drain = holding_consumer(channel, [first, second])
     consumer.consume()
     drain()
     assert sorted(m.payload for m in held) == ["a1", "b1"]  # not a2: a1 is not acknowledged yet

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection, Consumer, Exchange, Queue
+from kombu import Connection, Exchange, Queue
 
-from tests.conftest import eventually, wait_done
+from tests.conftest import eventually, holding_consumer, wait_done
 
 pytestmark = pytest.mark.integration
 ORDERED = "tests.testapp.tasks.ordered_record"
@@ -53,10 +53,7 @@ def reliable_channel(redis_broker: str) -> Iterator[Any]:
 
 def test_an_acknowledgement_redis_refuses_is_sent_again_and_holds_its_partition_meanwhile(
         reliable_channel: Any, caplog: pytest.LogCaptureFixture) -> None:
-    from types import SimpleNamespace
-
     from ordered_tasks.worker import fetch
-    from ordered_tasks.worker.requeue import requeue_at_head
     from ordered_tasks.worker.unanswered import Unanswered
 
     channel = reliable_channel
@@ -65,18 +62,7 @@ def test_an_acknowledgement_redis_refuses_is_sent_again_and_holds_its_partition_
     producer = channel.connection.client.Producer(channel)
     for body in ("m1", "m2"):
         producer.publish(body, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
-    held: list[Any] = []
-    consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: held.append(message)])
-    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
-    channel.basic_qos(prefetch_count=10)
-
-    def drain() -> None:
-        for _ in range(5):
-            try:
-                channel.connection.client.drain_events(timeout=0.3)
-            except TimeoutError:
-                return
-
+    consumer, held, drain = holding_consumer(channel, [queue])
     consumer.consume()
     drain()
     assert [m.payload for m in held] == ["m1"]
