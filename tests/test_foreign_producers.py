@@ -138,12 +138,16 @@ def test_a_key_too_long_to_store_is_refused_into_a_parked_row_once(
 def test_a_plain_task_sent_to_a_partition_queue_is_parked_not_run(
         app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
     key = f"plain-{run[:8]}"
-    start_workers(1)
+    workers = start_workers(1)
     task_id = raw_publish(app, T + "plain_record", {"run": run, "key": key, "seq": 1}, queue_of=key,
                           headers={"ordered_key": key, "ordered_partition": partition_for(key)})
-    eventually(lambda: rows(task_id), timeout=30, what="the plain task's message to be parked")
+    garbled = raw_publish(app, T + "plain_record", {"run": run, "key": key, "seq": 2}, queue_of=key,
+                          headers={"ordered_key": key, "ordered_partition": "x"})  # not a number
+    eventually(lambda: rows(task_id) and rows(garbled), timeout=30, what="both messages to be parked")
     assert rows(task_id) == [(key, "invalid", "parked")]
+    assert rows(garbled) == [(key, "invalid", "parked")]  # the queue's partition, whatever the header
     assert ran(results, run, key) == []
+    assert workers.process.poll() is None and len(workers.child_pids()) == 1
 
 
 def test_raw_redis_items_the_fetch_cannot_record_are_parked_not_lost(

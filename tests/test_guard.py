@@ -355,10 +355,11 @@ def test_a_stale_owner_cannot_change_key_states(app: Celery, run: str, results: 
                       called_directly=False, ordered_fence=3, args=[], kwargs={},
                       delivery_info={"redelivered": False})
     try:
-        from celery.exceptions import Ignore
+        from celery.exceptions import Reject
 
-        with pytest.raises(Ignore, match="newer owner"):
+        with pytest.raises(Reject, match="newer owner") as handed_back:
             task(run=run, key=key, seq=1)
+        assert handed_back.value.requeue  # never acknowledged: the new owner may hold its tag
     finally:
         task.pop_request()
     assert AccountState.objects.get(key=key).status == "active"
@@ -547,3 +548,46 @@ def test_a_parked_message_revoked_meanwhile_is_set_aside_by_replay(app: Celery, 
     assert ran(results, run, key) == [1, 3]
     row = ParkedMessage.objects.get(task_id=revoked_id)
     assert row.state == "skipped" and "Revoked while parked" in row.exception
+
+
+@pytest.mark.django_db
+def test_a_replay_handed_back_midway_wakes_its_key_again(app: Celery, run: str, results: redis.Redis,
+                                                         deadlines: Any) -> None:
+    key = f"handback-{run[:8]}"
+    partition = partition_for(key)
+    deadlines.set(partition, time.monotonic() + 10)
+    fail(results, run, key, 1, times=1)
+    for seq in (1, 2):
+        deliver(app, "strict_step", key, seq, run)
+    deadlines.set(partition, time.monotonic() - 0.1)  # the lease may have lapsed
+    assert apply_control(app, key, REPLAY, replay(key).pk) == "retrying"
+    assert ran(results, run, key) == [] and AccountState.objects.get(key=key).status == "retrying"
+    deadlines.set(partition, time.monotonic() + 10)  # the wake-up it published reaches an owner
+    assert wake(app, key, partition) == "active"
+    assert ran(results, run, key) == [1, 2]
+
+
+@pytest.mark.django_db
+def test_parking_an_unrunnable_message_is_fenced(run: str) -> None:
+    import dataclasses
+
+    from ordered_tasks.worker.unrunnable import park_in_worker
+
+    key = f"fenced-{run[:8]}"
+    partition = partition_for(key)
+    delivery = Delivery(key=key, partition=partition, task_name="gone.task", task_id=run, body=b"[]")
+    PartitionFence.objects.update_or_create(partition=partition, defaults={"fence": 5})
+    with pytest.raises(StaleOwnerError):
+        park_in_worker(dataclasses.asdict(delivery), "unknown_task", "No task named gone.task.", fence=4)
+    assert not ParkedMessage.objects.filter(key=key).exists()
+    park_in_worker(dataclasses.asdict(delivery), "unknown_task", "No task named gone.task.", fence=5)
+    assert AccountState.objects.get(key=key).status == "blocked"
+
+
+def test_a_partition_first_seen_is_not_idle_yet() -> None:
+    from ordered_tasks.worker.figures import STALL_AFTER, Figures
+
+    figures = Figures()
+    now = time.time()
+    assert figures.idle({3}, now) == []  # a takeover: quiet from now on, not since forever
+    assert figures.idle({3}, now + STALL_AFTER + 1) == [3]

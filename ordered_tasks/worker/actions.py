@@ -8,7 +8,6 @@ from typing import Any
 
 from celery import Celery, states
 from celery.app.trace import trace_task
-from celery.exceptions import Reject
 from celery.utils.nodenames import gethostname
 from django.db import transaction
 from django.utils import timezone
@@ -32,6 +31,8 @@ logger = logging.getLogger(__name__)
 #: Parked messages run per control message; a longer backlog continues
 #: behind the messages waiting in the partition queue.
 DRAIN_BATCH = 100
+#: Outcome of a parked message that was not started (the lease may have lapsed).
+HANDED_BACK = "handed back"
 #: A wake-up more than this much earlier than the key's retry time is stale.
 STALE_AFTER = timedelta(milliseconds=1)
 
@@ -116,6 +117,13 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
         outcome = run_parked(app, row)
         if outcome == "ok":
             store.delete_parked(row)
+        elif outcome == HANDED_BACK:
+            # The key stays retrying; its partition's owner (this worker or a new one)
+            # drains it when the wake-up arrives.
+            logger.warning("Replay of key %r handed back at message %s; waking the key again.",
+                           key, row.task_id)
+            publish_control(app, key, WAKE, due=timezone.now())
+            return RETRYING
         elif outcome != "continued":
             return outcome
     if len(rows) > batch:
@@ -165,8 +173,8 @@ def run_parked(app: Celery, row: ParkedMessage) -> str:
         return replaying.outcome
     if info is None:  # a task without the ordered guard that succeeded
         return "ok"
-    if info.state == states.REJECTED:  # handed back (the lease lapsed): so is the control message
-        raise Reject(f"parked message {row.task_id} was handed back", requeue=True)
+    if info.state == states.REJECTED:  # not started: this worker's lease may have lapsed
+        return HANDED_BACK
     return _block(row, store.Reason.INVALID, f"Celery did not run the task: {info.state} {info.retval!r}")
 
 

@@ -26,16 +26,24 @@ RERUN_ENTRY = "ordered_rerun"
 FENCE_ENTRY = "ordered_fence"
 
 
+def queue_partition(delivery_info: Mapping[str, Any] | None) -> int | None:
+    """The partition whose queue delivered a message (None: another queue).
+
+    Partition queues are bound with their own name as routing key.
+    """
+    from ..conf import get_settings
+
+    queue = (delivery_info or {}).get("routing_key")
+    return get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+
+
 def delivered_partition(entries: Mapping[str, Any]) -> int:
     """The partition whose queue delivered a message (its request entries), else its header, else -1.
 
     The queue decides: the ``ordered_partition`` header of a producer that
     is not ordered_tasks' own may be missing or wrong.
     """
-    from ..conf import get_settings
-
-    queue = (entries.get("delivery_info") or {}).get("routing_key")
-    partition = get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+    partition = queue_partition(entries.get("delivery_info"))
     if partition is not None:
         return partition
     try:
@@ -97,7 +105,7 @@ class Delivery:
         key = headers.get(KEY_HEADER)
         return cls(
             key="" if key is None else str(key),
-            partition=int(headers.get(PARTITION_HEADER, partition)),
+            partition=partition,  # the queue's; a foreign header may be missing or wrong
             task_name=str(headers.get("task") or ""), task_id=str(headers.get("id") or ""),
             body=bytes(body or b""), content_type=message.content_type or "",
             content_encoding=message.content_encoding or "", headers=json_safe(dict(headers)),

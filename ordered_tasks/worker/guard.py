@@ -139,14 +139,18 @@ def _handled_before(ledger: Ledger | None, request: Any, key: str, partition: in
 def requeue_unless_stored(what: str) -> Iterator[None]:
     """If the database write fails, hand the message back to the broker instead of losing it.
 
-    A stale owner (it lost its partition's lease) drops the message instead:
-    the partition's new owner has it.
+    A stale owner (it lost its partition's lease) hands the message back too,
+    and never acknowledges it: the partition's new owner restored it to the
+    head of the queue and may hold it under the same delivery tag, so an
+    acknowledgement would delete the new owner's unacknowledged record,
+    while handing back is a no-op once the record moved (or a redelivered
+    copy the completion ledger recognises).
     """
     try:
         yield
     except StaleOwnerError as exc:
-        logger.warning("Not changing key state for %s: %s", what, exc)
-        raise Ignore(str(exc)) from exc
+        logger.warning("Not changing key state for %s, handing it back: %s", what, exc)
+        raise Reject(str(exc), requeue=True) from exc
     except DatabaseError as exc:
         logger.critical("Could not store %s (%r); returning it to its queue.", what, exc)
         time.sleep(REQUEUE_PAUSE)  # do not spin on a database outage

@@ -11,8 +11,8 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.utils import timezone
 
 from ..exceptions import UnsafeOptionError
-from ..options import KEY_HEADER, PARTITION_HEADER
-from .delivery import FENCE_ENTRY
+from ..options import KEY_HEADER
+from .delivery import FENCE_ENTRY, delivered_partition, queue_partition
 from .fencing import DEADLINES, FENCE
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def _delivered_in_order(request: Any) -> bool:
         return False
     if getattr(request, KEY_HEADER, None) is not None:
         return True
-    from .placement import queue_partition
-
-    return queue_partition(request) is not None
+    return queue_partition(getattr(request, "delivery_info", None)) is not None
 
 
 def _refuse_without_lease(request: Any) -> None:
@@ -67,14 +65,7 @@ def _refuse_without_lease(request: Any) -> None:
     and may have run later messages of its key already. It goes back to the
     head (a no-op once the new owner restored it).
     """
-    from .placement import queue_partition
-
-    partition = queue_partition(request)
-    if partition is None:
-        try:
-            partition = int(getattr(request, PARTITION_HEADER, -1))
-        except (TypeError, ValueError):
-            return
+    partition = delivered_partition(vars(request))
     if not DEADLINES.allows(partition):
         logger.warning("Not starting %s: this worker's lease of partition %d may have lapsed; the "
                        "message goes back to the head of its queue.", request.id, partition)

@@ -12,6 +12,7 @@ from ..models import ParkedMessage
 from ..options import KEY_HEADER, PARTITION_HEADER
 from ..partitioning import MAX_KEY_LENGTH, canonical_key, partition_of
 from ..routing import key_spec_for
+from .delivery import queue_partition
 
 Reason = ParkedMessage.Reason
 #: The key under which messages are kept that belong to no key of their partition (no
@@ -43,16 +44,6 @@ class Misfit(Exception):
         self.partition = partition
 
 
-def queue_partition(request: Any) -> int | None:
-    """The partition whose queue delivered the message of ``request`` (None: another queue)."""
-    info = getattr(request, "delivery_info", None) or {}
-    queue = info.get("routing_key")
-    return get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
-
-
-def from_partition_queue(request: Any) -> bool:
-    """Whether ``request`` carries ordering headers or came from a partition queue."""
-    return getattr(request, KEY_HEADER, None) is not None or queue_partition(request) is not None
 
 
 def shown_key(raw: object) -> str:
@@ -94,7 +85,7 @@ def place(task: Any, request: Any, args: Any, kwargs: Any) -> Placement:
     except InvalidKeyError as exc:
         from_header, problem = None, f"Unusable {KEY_HEADER} header {shown_key(header_key)!r}: {exc}"
     key = arg_key if arg_key is not None else from_header
-    partition = queue_partition(request)
+    partition = queue_partition(getattr(request, "delivery_info", None))
     if partition is None:  # not from a partition queue (a replayed message says its queue)
         partition = _as_partition(header_partition, partitions)
     if partition is None:
@@ -102,7 +93,8 @@ def place(task: Any, request: Any, args: Any, kwargs: Any) -> Placement:
     if key is None:
         raise Misfit(Reason.INVALID, problem or f"The message has no ordering key: no {KEY_HEADER} "
                      f"header, and {arg_error or 'the task declares no key argument'}.", NO_KEY, partition)
-    ours = partition_of(key, partitions) == partition
+    belongs_to = partition_of(key, partitions)
+    ours = belongs_to == partition
     if header_key is not None and from_header != key:
         raise Misfit(Reason.MISROUTED, f"The {KEY_HEADER} header {shown_key(header_key)!r} differs from "
                      f"the task's key argument {key!r}.", key if ours else NO_KEY, partition)
@@ -111,7 +103,7 @@ def place(task: Any, request: Any, args: Any, kwargs: Any) -> Placement:
                      f"the message came from the queue of partition {partition}.",
                      key if ours else NO_KEY, partition)
     if not ours:
-        raise Misfit(Reason.MISROUTED, f"Key {key!r} belongs to partition {partition_of(key, partitions)}, "
+        raise Misfit(Reason.MISROUTED, f"Key {key!r} belongs to partition {belongs_to}, "
                      f"but the message came from the queue of partition {partition}. Publish it "
                      "to its key's queue (see the partitioning page of the docs).", NO_KEY, partition)
     return Placement(key, partition)

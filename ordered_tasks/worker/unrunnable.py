@@ -6,11 +6,11 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
-from ..conf import get_settings
 from ..models import ParkedMessage
 from . import store
 from .book import BOOK
-from .delivery import Delivery
+from .delivery import Delivery, queue_partition
+from .fencing import FENCE
 from .guard import park_misfit
 from .placement import key_of_partition
 
@@ -20,9 +20,7 @@ Reason = ParkedMessage.Reason
 
 def partition_of_message(message: Any) -> int | None:
     """The partition whose queue delivered ``message``, or None for any other queue."""
-    info = getattr(message, "delivery_info", None) or {}
-    queue = info.get("routing_key")
-    return get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+    return queue_partition(getattr(message, "delivery_info", None))
 
 
 def hand_over(pool: Any, message: Any, reason: str, error: str,
@@ -54,16 +52,28 @@ def hand_over(pool: Any, message: Any, reason: str, error: str,
         else:
             message.reject(requeue=True)
 
-    pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error),
+    from .consumer import current_keeper
+
+    keeper = current_keeper()
+    fence = keeper.fence_of(partition) if keeper is not None else None
+    pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error, fence),
                      callback=parked, error_callback=failed)
     return True
 
 
-def park_in_worker(fields: dict[str, Any], reason: str, error: str) -> str:
-    """Pool side of :func:`hand_over`: store the message and hold its key."""
+def park_in_worker(fields: dict[str, Any], reason: str, error: str, fence: int | None = None) -> str:
+    """Pool side of :func:`hand_over`: store the message and hold its key.
+
+    ``fence`` is the worker's fencing token of the partition (Redis): a
+    stale owner's write is refused, and the message is handed back.
+    """
     delivery = Delivery(**fields)
     delivery.key = key_of_partition(delivery.key, delivery.partition)
-    if reason == Reason.REVOKED:
-        return store.record_revoked(delivery, error).status
-    park_misfit(delivery, reason, error)
-    return reason
+    token = FENCE.set(fence)
+    try:
+        if reason == Reason.REVOKED:
+            return store.record_revoked(delivery, error).status
+        park_misfit(delivery, reason, error)
+        return reason
+    finally:
+        FENCE.reset(token)
