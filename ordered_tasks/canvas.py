@@ -70,6 +70,8 @@ def _check_step(app: Celery, first: str, step: Mapping[str, Any]) -> None:
     if mutable and spec.func is None and (spec.name is None or spec.name not in kwargs):
         raise UnsafeOptionError(f"{where} takes its ordering key by position, which the previous "
                                 f"task's result shifts. {how}")
+    if mutable and spec.func is not None:
+        return  # a key function may read the key from the previous result: known only then
     try:
         spec.canonical(args, kwargs)
     except InvalidKeyError as exc:

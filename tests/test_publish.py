@@ -85,6 +85,9 @@ def test_a_chain_of_ordered_steps_with_keyword_keys_is_accepted(app: Celery) -> 
     chain(task.si(run="r", key=99, seq=1), task.s(run="r", key=99, seq=2),
           task.si("r", 99, 3)).apply_async()
     assert_only_in_partition_of(app, 99, count=1)
+    # A key function may read the key from the previous result: it is known only then.
+    chain(task.si(run="r", key=99, seq=4), app.tasks["tests.callable_key"].s(run="r")).apply_async()
+    assert_only_in_partition_of(app, 99, count=1)
 
 
 def test_callable_key(app: Celery) -> None:

@@ -152,9 +152,10 @@ class Figures:
     def idle(self, owned: set[int], now: float) -> list[int]:
         """Owned partitions where nothing runs and nothing started or ended for :data:`STALL_AFTER`."""
         with self.lock:
-            return sorted(p for p in owned
-                          if (f := self.partitions.get(p)) is None
-                          or (f.running is None and now - f.progress_at > STALL_AFTER))
+            for partition in owned:  # first seen now (a takeover): quiet from now on
+                self.partitions.setdefault(partition, PartitionFigures(progress_at=now))
+            return sorted(p for p in owned if self.partitions[p].running is None
+                          and now - self.partitions[p].progress_at > STALL_AFTER)
 
     def stalls(self, owned: set[int], depths: dict[int, int | None],
                now: float) -> list[tuple[int, float, int]]:
@@ -166,7 +167,7 @@ class Figures:
         idle = set(self.idle(owned, now))
         with self.lock:
             for partition in sorted(owned):
-                figures = self.partitions.setdefault(partition, PartitionFigures(progress_at=now))
+                figures = self.partitions[partition]
                 depth = depths.get(partition)
                 if partition not in idle or not depth:
                     figures.warned_at = 0.0

@@ -148,12 +148,12 @@ class LeaseKeeper:
         """Give the leases up, once the last task ran and was acknowledged."""
         self._stopped.set()
         for partition in list(self.leases):
+            DEADLINES.set(partition, 0.0)  # nothing starts once the lease may be another's
             try:
                 self._release(keys=[self.lease_key(partition)], args=[self.owner])
             except redis.RedisError as exc:
                 logger.warning("Could not release the lease of partition %d: %r", partition, exc)
             self.leases.pop(partition, None)
-            DEADLINES.set(partition, 0.0)
 
 
 def restore_to_head(channel: Any, queue: str) -> int:

@@ -58,7 +58,9 @@ class Keeper:
         if len(revoked) == self.count and now - self.synced_at < FULL_SYNC_EVERY:
             return
         self.count, self.synced_at = len(revoked), now
-        new = [task_id for task_id in list(revoked) if task_id not in self.written]
+        current = set(revoked)
+        self.written &= current  # bounded like Celery's own set
+        new = [task_id for task_id in current if task_id not in self.written]
         if not new:
             return
         close_old_connections()
