@@ -102,6 +102,18 @@ def test_overlapping_executions_of_a_key_and_of_a_partition() -> None:
     assert [v.rule for v in check_overlap(history)] == ["partition-overlap"]
 
 
+def test_an_overlap_with_a_task_whose_worker_froze_past_its_lease_is_the_documented_window() -> None:
+    history = clean()
+    history.executions.append(ex("a", 1, 10.08, 10.2, pid=2))  # the new owner runs it again
+    assert check_overlap(history) != []
+    history.faults = [Fault("stop_worker", 10.02, 10.06)]  # a short freeze excuses nothing
+    assert check_overlap(history) != []
+    history.faults = [Fault("stop_past_lease", 10.02, 10.09)]  # frozen while it ran: documented
+    assert check_overlap(history) == []
+    history.faults = [Fault("stop_past_lease", 10.09, 10.15)]  # frozen only after the rerun started
+    assert check_overlap(history) != []
+
+
 def test_a_killed_execution_without_an_end_does_not_overlap() -> None:
     history = clean()
     history.executions.insert(0, ex("a", 1, 9.9, None, None))
@@ -137,6 +149,19 @@ def test_progress_resets_the_idle_clock() -> None:
     assert [v.rule for v in check_idle(history, bound=30.0)] == ["idle"]
     history.samples = [Sample(20.0 + i, {p: 3}) for i in range(40)]
     history.executions.append(ex("a", 3, 21.0, 50.0))  # a long task keeps its partition busy
+    history.publishes.append(pub("a", 3))
+    assert check_idle(history, bound=30.0) == []
+
+
+def test_a_long_task_of_another_partition_of_the_same_pool_process_keeps_a_partition_busy() -> None:
+    history = clean()
+    p = partition_of("a", P)
+    other = next(k for k in (f"x{i}" for i in range(100)) if partition_of(k, P) != p)
+    history.samples = [Sample(20.0 + i, {p: 3}) for i in range(40)]
+    history.publishes.append(pub(other, 1))
+    history.executions.append(ex(other, 1, 21.0, 58.0, pid=7))  # one task at a time per worker
+    assert [v.rule for v in check_idle(history, bound=30.0)] == ["idle"]  # pid 7 never served p
+    history.executions.append(ex("a", 3, 15.0, 15.1, pid=7))
     history.publishes.append(pub("a", 3))
     assert check_idle(history, bound=30.0) == []
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ordered_tasks.partitioning import partition_of
-from tests.nemesis.history import Execution, History, MessageId
+from tests.nemesis.history import Execution, Fault, History, MessageId
 
 #: Seconds a partition may hold waiting messages without any progress (outside fault windows).
 IDLE_BOUND = 30.0
@@ -101,13 +101,27 @@ def check_order(history: History) -> list[Violation]:
     return violations
 
 
-def _overlaps(groups: dict[object, list[Execution]], rule: str, t0: float) -> list[Violation]:
+def _frozen_while_running(faults: Sequence[Fault], running: Execution, later: Execution) -> bool:
+    """Whether ``running``'s worker was frozen past its lease while it ran, before ``later`` started.
+
+    The documented stale-owner window: a task body already running when its
+    worker froze is not interrupted, and finishes after the partition's new
+    owner started the message (or a later one) again.
+    """
+    end = running.end if running.end is not None else later.start
+    return any(f.kind == "stop_past_lease" and running.start <= f.start <= end and f.start <= later.start
+               for f in faults)
+
+
+def _overlaps(groups: dict[object, list[Execution]], rule: str, t0: float,
+              faults: Sequence[Fault] = ()) -> list[Violation]:
     violations = []
     for group, executions in sorted(groups.items(), key=lambda item: str(item[0])):
         ended = sorted((ex for ex in executions if ex.end is not None), key=lambda ex: ex.start)
         latest: Execution | None = None
         for ex in ended:
-            if latest is not None and latest.end is not None and ex.start < latest.end:
+            if (latest is not None and latest.end is not None and ex.start < latest.end
+                    and not _frozen_while_running(faults, latest, ex)):
                 violations.append(Violation(rule, f"{group}: {_name(ex.message)} (pid {ex.pid}) started at "
                                                   f"{ex.start - t0:.3f} while {_name(latest.message)} (pid "
                                                   f"{latest.pid}) ran until {latest.end - t0:.3f}"))
@@ -123,7 +137,8 @@ def check_overlap(history: History) -> list[Violation]:
     for ex in history.executions:
         by_key[f"key {ex.key}"].append(ex)
         by_partition[f"partition {partition_of(ex.key, history.partitions)}"].append(ex)
-    return _overlaps(by_key, "overlap", history.t0) + _overlaps(by_partition, "partition-overlap", history.t0)
+    return (_overlaps(by_key, "overlap", history.t0, history.faults)
+            + _overlaps(by_partition, "partition-overlap", history.t0, history.faults))
 
 
 def check_duplicates(history: History) -> list[Violation]:
@@ -161,10 +176,16 @@ def check_idle(history: History, bound: float = IDLE_BOUND) -> list[Violation]:
     """
     events: dict[int, list[float]] = defaultdict(list)
     busy: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    # A worker with one pool process runs one task at a time for all its partitions: while
+    # a pool process runs a task, every partition it ran during the run counts as busy.
+    served: dict[int, set[int]] = defaultdict(set)
+    for ex in history.executions:
+        served[ex.pid].add(partition_of(ex.key, history.partitions))
     for ex in history.executions:
         p = partition_of(ex.key, history.partitions)
         events[p] += [ex.start, ex.busy_until()]
-        busy[p].append((ex.start, ex.busy_until()))
+        for partition in served[ex.pid]:
+            busy[partition].append((ex.start, ex.busy_until()))
     violations = []
     for p in range(history.partitions):
         since: float | None = None
