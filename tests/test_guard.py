@@ -591,3 +591,17 @@ def test_a_partition_first_seen_is_not_idle_yet() -> None:
     now = time.time()
     assert figures.idle({3}, now) == []  # a takeover: quiet from now on, not since forever
     assert figures.idle({3}, now + STALL_AFTER + 1) == [3]
+
+
+@pytest.mark.django_db
+def test_a_copy_of_a_message_that_completed_in_a_replay_is_recognised(app: Celery, run: str,
+                                                                       results: redis.Redis) -> None:
+    key = f"replayed-{run[:8]}"
+    fail(results, run, key, 1, times=1)
+    deliver(app, "strict_step", key, 1, run, task_id=f"{run}-1")
+    assert apply_control(app, key, REPLAY, replay(key).pk) == "active"
+    assert ran(results, run, key) == [1]
+    # A copy of it comes back (its first delivery's acknowledgement was lost with a stale owner):
+    copy = deliver(app, "strict_step", key, 1, run, task_id=f"{run}-1", redelivered=True)
+    assert copy is not None and copy.state == "IGNORED"
+    assert ran(results, run, key) == [1]

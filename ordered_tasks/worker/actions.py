@@ -24,6 +24,7 @@ from .book import BOOK
 from .delivery import CONTENT_ENTRY, FENCE_ENTRY
 from .fencing import FENCE
 from .guard import REPLAYING, Replaying, announce_blocked
+from .ledger import ledger_for
 from .revokes import is_revoked
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,12 @@ def wake(app: Celery, key: str, partition: int, due: datetime | None = None) -> 
 def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> str:
     """Run the key's parked messages in order; return the key's status afterwards."""
     rows = list(ParkedMessage.objects.filter(key=key, state=store.PARKED).order_by("position")[:batch + 1])
+    ledger = ledger_for(app)
     for row in rows[:batch]:
         outcome = run_parked(app, row)
         if outcome == "ok":
+            if ledger is not None and row.task_id:  # a copy still in the broker is recognised
+                ledger.record(partition, row.task_id)
             store.delete_parked(row)
         elif outcome == HANDED_BACK:
             # The key stays retrying; its partition's owner (this worker or a new one)
