@@ -10,14 +10,11 @@ from kombu import Queue
 
 from .canvas import check_canvas
 from .conf import get_settings
-from .exceptions import ConfigurationError, UnsafeOptionError
+from .exceptions import UnsafeOptionError
 from .options import CONTROL_TASK, KEY_HEADER, PARTITION_HEADER, PUBLISHED_HEADER
 from .partitioning import partition_of
 from .redisclient import reused_client
 from .routing import key_spec_for
-
-#: AMQP's reply code for a declaration that does not match the existing queue.
-PRECONDITION_FAILED = 406
 
 
 class PublishGuard:
@@ -45,17 +42,7 @@ class PublishGuard:
             return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
         headers = self._checked_headers(name, message, qname, partition, headers, conf.partitions)
         with reused_client(getattr(producer, "channel", None)):
-            try:
-                return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
-            except Exception as exc:
-                if getattr(exc, "reply_code", None) != PRECONDITION_FAILED:
-                    raise
-                raise ConfigurationError(
-                    f"RabbitMQ refused to declare the partition queue {qname} ({exc}): it exists with "
-                    "other arguments, probably declared by a producer in another language without "
-                    "x-single-active-consumer. Nothing was sent. Drain and delete the queue, and let "
-                    "only ordered_tasks declare partition queues (see the partitioning page of the docs)."
-                ) from exc
+            return self.send(producer, name, message, *args, queue=queue, headers=headers, **kwargs)
 
     def _checked_headers(self, name: str, message: Any, qname: str, partition: int,
                          headers: dict[str, Any] | None, partitions: int) -> dict[str, Any]:
