@@ -123,6 +123,8 @@ def test_a_worker_frozen_past_its_lease_does_not_run_what_it_held_after_the_new_
         ours = {partition_queue(get_settings().queue_prefix, partition_for(k)).name for k in (slow, held)}
         eventually(lambda: ours <= set(unacknowledged_queues(conn.default_channel)), timeout=15,
                    what="the owner to hold both messages")
+    # Frozen while it runs the slow one: a message it had not started yet it would refuse on thawing.
+    eventually(lambda: results.llen(f"{run}:started:{slow}"), timeout=15, what="the owner to start the slow one")
     frozen = worker_processes(owner)
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)

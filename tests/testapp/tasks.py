@@ -23,9 +23,13 @@ def recorder() -> redis.Redis:
 
 
 def record(run: str, key: Any, seq: int, sleep: float) -> None:
-    """Append ``seq`` to the key's list and the execution span to the run's log."""
+    """Append ``seq`` to the key's list and the execution span to the run's log.
+
+    A task that sleeps first notes that it started, so that a test can act while it runs.
+    """
     started = time.time()
     if sleep:
+        recorder().rpush(f"{run}:started:{key}", seq)
         time.sleep(sleep)
     pipe = recorder().pipeline(transaction=False)
     pipe.rpush(f"{run}:key:{key}", seq)
