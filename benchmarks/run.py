@@ -293,7 +293,7 @@ def guard_overhead(app: Any, runs: int = 3000) -> dict[str, float]:
     from ordered_tasks import partition_for
     from ordered_tasks.conf import get_settings
     from ordered_tasks.queues import partition_queue
-    from ordered_tasks.worker.book import BOOK
+    from ordered_tasks.worker.failures.book import BOOK
 
     app.finalize(auto=True)
     figures: dict[str, float] = {}

@@ -219,7 +219,7 @@ class PartitionStatusAdmin(ReadOnly, _PartitionAdmin):
         from django.core.exceptions import PermissionDenied
 
         from .dashboard import SILENT_AFTER, overview
-        from .worker.figures import STALL_AFTER
+        from .worker.health.figures import STALL_AFTER
 
         if not self.has_view_permission(request):
             raise PermissionDenied

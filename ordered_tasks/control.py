@@ -28,8 +28,8 @@ WAKE = "wake"
 def control(self: Task[Any, Any], key: str, action: str, request_id: int | None = None,
             due: str | None = None) -> str:
     """Apply a replay, skip or retry wake-up to ``key``, on its partition's consumer."""
-    from .worker.actions import apply_control
-    from .worker.guard import requeue_unless_stored
+    from .worker.failures.control import apply_control
+    from .worker.failures.guard import requeue_unless_stored
 
     with requeue_unless_stored(f"control message {action} for key {key!r}"):
         return apply_control(self.app, key, action, request_id, due)

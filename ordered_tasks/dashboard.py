@@ -14,7 +14,7 @@ from .conf import get_settings
 from .exceptions import ConfigurationError
 from .models import BLOCKED, RETRYING, AccountState, PartitionStatus
 from .partitioning import queue_name
-from .worker.figures import FLUSH_INTERVAL, STALL_AFTER
+from .worker.health.figures import FLUSH_INTERVAL, STALL_AFTER
 
 #: A consumer whose last report is older than this is shown as silent.
 SILENT_AFTER = 3 * FLUSH_INTERVAL

@@ -8,7 +8,7 @@ from celery import Celery, _state
 
 from .publish import PublishGuard
 from .routing import route_task
-from .worker.startup import RefuseUnsafeConsumers
+from .worker.launch.startup import RefuseUnsafeConsumers
 
 ROUTER_PATH = "ordered_tasks.routing.route_task"
 

@@ -11,7 +11,7 @@ from .keys import KeySpec
 from .options import KEY_HEADER, PARTITION_HEADER, check_publish_options
 from .partitioning import partition_of
 from .queues import partition_queue
-from .worker.mixin import GuardedTaskMixin
+from .worker.failures.retry import GuardedTaskMixin
 
 
 class OrderedTaskMixin(GuardedTaskMixin):

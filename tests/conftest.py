@@ -232,7 +232,7 @@ def holding_consumer(channel: Any, queues: list[Queue]) -> tuple[Any, list[Any],
 
     from kombu import Consumer
 
-    from ordered_tasks.worker.requeue import requeue_at_head
+    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     held: list[Any] = []
     consumer = Consumer(channel, queues, accept=["json"], callbacks=[lambda body, message: held.append(message)])

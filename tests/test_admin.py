@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from ordered_tasks import partition_for
 from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage, PartitionStatus
-from ordered_tasks.worker.figures import Figures, write
+from ordered_tasks.worker.health.figures import Figures, write
 
 pytestmark = pytest.mark.django_db
 
@@ -258,7 +258,7 @@ def test_a_worker_logs_a_partition_whose_messages_wait_while_nothing_moves(
         app: Celery, broker: str, caplog: pytest.LogCaptureFixture) -> None:
     import time
 
-    from ordered_tasks.worker.figures import STALL_AFTER, PartitionFigures, warn_about_stalls
+    from ordered_tasks.worker.health.figures import STALL_AFTER, PartitionFigures, warn_about_stalls
     from tests.testapp.tasks import ordered_record
 
     waiting, empty = "acct-waiting", "acct-empty"

@@ -18,7 +18,7 @@ from ordered_tasks import partition_for, replay
 from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.queues import partition_queue
-from ordered_tasks.worker.leases import LeaseKeeper
+from ordered_tasks.worker.exclusivity.leases import LeaseKeeper
 from tests.conftest import eventually, wait_done
 from tests.test_guard import fail, ran, same_partition_keys
 

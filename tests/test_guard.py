@@ -22,10 +22,10 @@ from ordered_tasks.exceptions import StaleOwnerError, UnsafeOptionError
 from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage, PartitionFence
 from ordered_tasks.queues import partition_queue
 from ordered_tasks.signals import key_blocked, key_resumed
-from ordered_tasks.worker.actions import apply_control, wake
-from ordered_tasks.worker.book import BOOK
 from ordered_tasks.worker.delivery import Delivery
-from ordered_tasks.worker.fencing import DEADLINES, FENCE
+from ordered_tasks.worker.exclusivity.fencing import DEADLINES, FENCE
+from ordered_tasks.worker.failures.book import BOOK
+from ordered_tasks.worker.failures.control import apply_control, wake
 from tests.conftest import eventually
 from tests.testapp.celery import app as celery_app
 
@@ -285,7 +285,7 @@ def test_a_message_that_cannot_be_parked_goes_back_to_the_broker(app: Celery, ru
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from django.db import OperationalError
 
-    from ordered_tasks.worker import guard, store
+    from ordered_tasks.worker.failures import guard, store
 
     def database_down(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("database is down")
@@ -316,7 +316,7 @@ def test_a_redelivered_copy_of_a_completed_or_parked_task_does_not_run_again(
 
 
 def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redis.Redis) -> None:
-    from ordered_tasks.worker import ledger as ledgers
+    from ordered_tasks.worker.redelivery import ledger as ledgers
 
     prefix = f"ledger-{uuid.uuid4().hex[:8]}"
     ledger = ledgers.Ledger(results, prefix)
@@ -335,8 +335,8 @@ def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redi
 def test_a_stale_owner_cannot_change_key_states(app: Celery, run: str, results: redis.Redis) -> None:
     from ordered_tasks.exceptions import StaleOwnerError
     from ordered_tasks.models import PartitionFence
-    from ordered_tasks.worker import store
-    from ordered_tasks.worker.fencing import FENCE
+    from ordered_tasks.worker.exclusivity.fencing import FENCE
+    from ordered_tasks.worker.failures import store
 
     key = same_partition_keys(1)[0]
     partition = partition_for(key)
@@ -376,7 +376,7 @@ def test_retry_with_new_arguments_runs_the_new_ones_in_place(app: Celery, run: s
 
 def test_unanswered_writes_reach_redis_and_their_replies_are_read_together(
         results: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
-    from ordered_tasks.worker import unanswered
+    from ordered_tasks.worker.transport import unanswered
 
     key = f"unanswered-{uuid.uuid4().hex[:8]}"
     writer = unanswered.Unanswered(results.connection_pool, "a test")
@@ -397,7 +397,7 @@ def test_unanswered_writes_reach_redis_and_their_replies_are_read_together(
 def test_pool_processes_sharing_a_worker_see_each_others_key_changes(
         django_assert_num_queries: Any) -> None:
     """Two books stand for two pool processes of one worker, sharing the change counters."""
-    from ordered_tasks.worker.book import KeyBook, Versions
+    from ordered_tasks.worker.failures.book import KeyBook, Versions
 
     key = f"shared-{uuid.uuid4().hex[:8]}"
     partition = partition_for(key)
@@ -429,7 +429,7 @@ def test_pool_processes_sharing_a_worker_see_each_others_key_changes(
 
 def test_a_partition_the_worker_gets_back_is_read_again(django_assert_num_queries: Any) -> None:
     """Another worker may change key states while this one lost the partition (a new connection, a lease)."""
-    from ordered_tasks.worker.book import KeyBook, Versions
+    from ordered_tasks.worker.failures.book import KeyBook, Versions
 
     key = f"regained-{uuid.uuid4().hex[:8]}"
     partition = partition_for(key)
@@ -457,7 +457,7 @@ def test_a_partition_the_worker_gets_back_is_read_again(django_assert_num_querie
 
 
 def test_one_query_reads_every_out_of_date_partition_of_the_worker(django_assert_num_queries: Any) -> None:
-    from ordered_tasks.worker.book import KeyBook, Versions
+    from ordered_tasks.worker.failures.book import KeyBook, Versions
 
     partitions = list(range(min(4, get_settings().partitions)))
     tag = uuid.uuid4().hex[:8]
@@ -571,7 +571,7 @@ def test_a_replay_handed_back_midway_wakes_its_key_again(app: Celery, run: str, 
 def test_parking_an_unrunnable_message_is_fenced(run: str) -> None:
     import dataclasses
 
-    from ordered_tasks.worker.unrunnable import park_in_worker
+    from ordered_tasks.worker.failures.unrunnable import park_in_worker
 
     key = f"fenced-{run[:8]}"
     partition = partition_for(key)
@@ -585,7 +585,7 @@ def test_parking_an_unrunnable_message_is_fenced(run: str) -> None:
 
 
 def test_a_partition_first_seen_is_not_idle_yet() -> None:
-    from ordered_tasks.worker.figures import STALL_AFTER, Figures
+    from ordered_tasks.worker.health.figures import STALL_AFTER, Figures
 
     figures = Figures()
     now = time.time()

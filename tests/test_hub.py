@@ -7,7 +7,7 @@ import time
 
 from kombu.asynchronous.hub import Hub
 
-from ordered_tasks.worker.hub import ReadyAwareHub, ReadyAwareHubStep, ReadyAwarePoller
+from ordered_tasks.worker.launch.hub import ReadyAwareHub, ReadyAwareHubStep, ReadyAwarePoller
 
 
 def run_until(hub: Hub, done: list[float], limit: float) -> float:

@@ -12,7 +12,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
-from ordered_tasks.worker.leases import LeaseKeeper, restore_to_head
+from ordered_tasks.worker.exclusivity.leases import LeaseKeeper, restore_to_head
 from tests.conftest import holding_consumer
 
 pytestmark = pytest.mark.integration
@@ -134,7 +134,7 @@ def test_an_acknowledgement_after_the_channel_closed_leaves_the_message_unacknow
 
     from kombu.exceptions import OperationalError
 
-    from ordered_tasks.worker.requeue import requeue_at_head
+    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, queue, "1", "2")
@@ -155,7 +155,7 @@ def test_an_acknowledgement_after_the_channel_closed_leaves_the_message_unacknow
 def test_a_requeued_message_goes_back_to_the_head(channel: Any) -> None:
     from types import SimpleNamespace
 
-    from ordered_tasks.worker.requeue import requeue_at_head
+    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, queue, "1", "2", "3")
@@ -171,7 +171,7 @@ def test_a_requeued_message_goes_back_to_the_head(channel: Any) -> None:
 def test_a_message_popped_for_a_cancelled_consumer_goes_back_to_the_head(channel: Any) -> None:
     from types import SimpleNamespace
 
-    from ordered_tasks.worker.requeue import requeue_at_head
+    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: None])
@@ -187,8 +187,8 @@ def test_a_message_popped_for_a_cancelled_consumer_goes_back_to_the_head(channel
 def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel: Any) -> None:
     from types import SimpleNamespace
 
-    from ordered_tasks.worker.fetch import ReliableChannel
-    from ordered_tasks.worker.requeue import requeue_at_head
+    from ordered_tasks.worker.transport.fetch import ReliableChannel
+    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     channel.__class__ = ReliableChannel
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
@@ -220,7 +220,7 @@ def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel
 def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -> None:
     import time
 
-    from ordered_tasks.worker.fetch import IDLE_WAIT, ReliableChannel
+    from ordered_tasks.worker.transport.fetch import IDLE_WAIT, ReliableChannel
 
     channel.__class__ = ReliableChannel
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
@@ -239,7 +239,7 @@ def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -
 
 def test_the_reliable_fetch_takes_one_message_per_queue_and_acknowledges_without_waiting(
         channel: Any) -> None:
-    from ordered_tasks.worker.fetch import ReliableChannel
+    from ordered_tasks.worker.transport.fetch import ReliableChannel
 
     channel.__class__ = ReliableChannel
     first, second = (_queue(f"q-{uuid.uuid4().hex[:8]}") for _ in range(2))

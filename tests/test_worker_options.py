@@ -7,8 +7,13 @@ from django.core.management import CommandError, call_command
 
 from ordered_tasks.exceptions import UnsafeWorkerOptionError
 from ordered_tasks.management.commands.ordered_worker import Command
-from ordered_tasks.worker.child import worker_argv
-from ordered_tasks.worker.options import check_celery_args, child_hostname, parse_partitions, split_partitions
+from ordered_tasks.worker.launch.child import worker_argv
+from ordered_tasks.worker.launch.options import (
+    check_celery_args,
+    child_hostname,
+    parse_partitions,
+    split_partitions,
+)
 
 
 def test_parse_partitions() -> None:
@@ -92,8 +97,8 @@ def test_command_refuses_unsafe_options(argv: list[str], message: str) -> None:
 def test_worker_refuses_an_ordered_task_acknowledged_early_and_guards_routed_tasks() -> None:
     from celery import Celery
 
-    from ordered_tasks.worker.child import check_tasks
-    from ordered_tasks.worker.mixin import GuardedTaskMixin
+    from ordered_tasks.worker.failures.retry import GuardedTaskMixin
+    from ordered_tasks.worker.launch.child import check_tasks
 
     app = Celery("check-tasks", set_as_current=False)
     app.conf.task_acks_late = True  # as configure() sets it
@@ -142,7 +147,7 @@ def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
     from celery import Celery
 
     from ordered_tasks import queue_for
-    from ordered_tasks.worker.startup import ORDERED_APPS, ORDERED_CONCURRENCY, RefuseUnsafeConsumers
+    from ordered_tasks.worker.launch.startup import ORDERED_APPS, ORDERED_CONCURRENCY, RefuseUnsafeConsumers
 
     app = Celery("refuse-concurrency", set_as_current=False)
     app.amqp.queues.select_add(queue_for("k"))
@@ -167,7 +172,7 @@ def test_a_plain_worker_of_a_project_with_ordered_tasks_says_they_will_wait(
 
     from celery import Celery
 
-    from ordered_tasks.worker.startup import ORDERED_APPS, RefuseUnsafeConsumers
+    from ordered_tasks.worker.launch.startup import ORDERED_APPS, RefuseUnsafeConsumers
 
     app = Celery("plain-habit", set_as_current=False)  # gets the project's shared and ordered tasks
     app.conf.task_queues = ()

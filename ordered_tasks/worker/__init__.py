@@ -1,1 +1,5 @@
-"""Worker side of ordered_tasks: launcher, supervisor and worker extensions."""
+"""The worker side of ordered tasks: loaded only in worker processes, never by a web process that publishes.
+
+One package per guarantee of ``docs/guarantees.rst``; ``docs/layout.rst``
+maps each guarantee to its package and its tests.
+"""

@@ -18,13 +18,13 @@ from ..exceptions import ConfigurationError
 from ..models import ParkedMessage
 from ..queues import partition_queue
 from ..routing import key_spec_for
-from .book import BOOK
-from .fetch import fetch_reliably
-from .figures import FIGURES
-from .leases import LEASE_TICK, LeaseKeeper
-from .requeue import requeue_at_head
-from .startup import ORDERED_APPS
-from .unrunnable import hand_over
+from .exclusivity.leases import LEASE_TICK, LeaseKeeper
+from .failures.book import BOOK
+from .failures.unrunnable import hand_over
+from .health.figures import FIGURES
+from .launch.startup import ORDERED_APPS
+from .transport.fetch import fetch_reliably
+from .transport.qos import requeue_at_head
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)

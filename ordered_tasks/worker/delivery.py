@@ -17,7 +17,7 @@ _NOT_HEADERS = frozenset({
     "loglevel", "logfile", "utc", "ordered_content", "ordered_rerun", "ordered_fence", "_children",
     "task_name",
 })
-#: Request entry (set by :class:`~ordered_tasks.worker.request.OrderedRequest`)
+#: Request entry (set by :class:`~ordered_tasks.worker.failures.request.OrderedRequest`)
 #: carrying the content type and encoding of the received body.
 CONTENT_ENTRY = "ordered_content"
 #: Request entry marking a message run again after its pool process died.

@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ordered_tasks.conf import get_settings
 from ordered_tasks.exceptions import OrderedTaskError, UnsafeWorkerOptionError
-from ordered_tasks.worker.options import (
+from ordered_tasks.worker.launch.options import (
     POOLS,
     check_celery_args,
     check_concurrency,
@@ -20,7 +20,7 @@ from ordered_tasks.worker.options import (
     parse_partitions,
     split_partitions,
 )
-from ordered_tasks.worker.supervisor import Child, Supervisor, child_env
+from ordered_tasks.worker.launch.supervisor import Child, Supervisor, child_env
 
 
 class Command(BaseCommand):
@@ -85,7 +85,7 @@ class Command(BaseCommand):
         children = []
         for index, group in enumerate(groups):
             name = child_hostname(options["hostname"], index)
-            argv = [sys.executable, "-m", "ordered_tasks.worker.child",
+            argv = [sys.executable, "-m", "ordered_tasks.worker.launch.child",
                     "--partitions", ",".join(map(str, group)), "--pool", options["pool"],
                     "--hostname", name, "--concurrency", str(concurrency)]
             if options["app"]:

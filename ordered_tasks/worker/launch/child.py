@@ -1,7 +1,7 @@
 """One ordered worker process: a Celery worker running one task at a time per partition.
 
 Started by the ``ordered_worker`` supervisor as
-``python -m ordered_tasks.worker.child --partitions 0,2 ... -- [celery flags]``.
+``python -m ordered_tasks.worker.launch.child --partitions 0,2 ... -- [celery flags]``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from celery import Celery, signals
 
-from ..exceptions import UnsafeWorkerOptionError
+from ...exceptions import UnsafeWorkerOptionError
 from .options import POOLS, check_celery_args, check_concurrency
 
 
@@ -38,15 +38,15 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     With ``concurrency`` above 1 (prefork only), the pool processes run
     messages of different partitions at once, never two of one partition.
     """
-    from ..conf import get_settings
-    from ..plugin import install
-    from ..queues import partition_queue
-    from .book import BOOK, Versions
-    from .consumer import Leases
-    from .fencing import DEADLINES
+    from ...conf import get_settings
+    from ...plugin import install
+    from ...queues import partition_queue
+    from ..consumer import Leases
+    from ..exclusivity.fencing import DEADLINES
+    from ..failures.book import BOOK, Versions
+    from ..redelivery.revokes import DurableRevokes
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
-    from .revokes import DurableRevokes
     from .startup import ORDERED_APPS, ORDERED_CONCURRENCY
 
     install(app)
@@ -71,12 +71,12 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     check_tasks(app)
 
     def recover(**_: object) -> None:
-        from .actions import recover_retries
+        from ..failures.control import recover_retries
 
         recover_retries(app, partitions)
 
     def report(sender: Any = None, **_: object) -> None:
-        from .figures import start_reporting
+        from ..health.figures import start_reporting
 
         start_reporting(getattr(sender, "hostname", "") or "", app.conf.broker_url or "",
                         dict(app.conf.broker_transport_options or {}))
@@ -92,8 +92,8 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
 
 def check_tasks(app: Celery) -> None:
     """Refuse to start if an ordered task would be acknowledged before it runs; guard routed tasks."""
-    from ..routing import key_spec_for
-    from .mixin import guard_task
+    from ...routing import key_spec_for
+    from ..failures.retry import guard_task
 
     for name, task in app.tasks.items():
         if key_spec_for(app, name, task) is None:
@@ -126,7 +126,7 @@ def worker_argv(queues: Sequence[str], pool: str, hostname: str,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of a worker process (Django settings come from the environment)."""
-    parser = argparse.ArgumentParser(prog="ordered_tasks.worker.child")
+    parser = argparse.ArgumentParser(prog="ordered_tasks.worker.launch.child")
     parser.add_argument("--partitions", required=True)
     parser.add_argument("--pool", choices=POOLS, default="prefork")
     parser.add_argument("--hostname", required=True)
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import django
 
     django.setup()
-    from ..celery_app import find_celery_app
+    from ...celery_app import find_celery_app
 
     app = find_celery_app(args.app)
     partitions = [int(p) for p in args.partitions.split(",")]

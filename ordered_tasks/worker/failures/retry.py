@@ -10,10 +10,10 @@ from typing import Any
 from celery.exceptions import Ignore, Reject, Retry
 from django.utils import timezone
 
-from ..exceptions import UnsafeOptionError
-from ..options import KEY_HEADER
-from .delivery import FENCE_ENTRY, delivered_partition, queue_partition
-from .fencing import DEADLINES, FENCE
+from ...exceptions import UnsafeOptionError
+from ...options import KEY_HEADER
+from ..delivery import FENCE_ENTRY, delivered_partition, queue_partition
+from ..exclusivity.fencing import DEADLINES, FENCE
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class GuardedTaskMixin:
     """Worker behaviour of ordered tasks; mixed into their Task class."""
 
     #: The worker request class: keeps the content type so that a parked body can be stored.
-    Request = "ordered_tasks.worker.request:OrderedRequest"
+    Request = "ordered_tasks.worker.failures.request:OrderedRequest"
     #: What a failure does once retries are exhausted: ``"block"`` or ``"continue"``.
     failure_policy = "block"
     #: Seconds before an in-place retry that names no delay (Celery's default is 180).

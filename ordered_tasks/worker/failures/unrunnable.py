@@ -6,11 +6,11 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
-from ..models import ParkedMessage
+from ...models import ParkedMessage
+from ..delivery import Delivery, queue_partition
+from ..exclusivity.fencing import FENCE
 from . import store
 from .book import BOOK
-from .delivery import Delivery, queue_partition
-from .fencing import FENCE
 from .guard import park_misfit
 from .placement import key_of_partition
 
@@ -52,7 +52,7 @@ def hand_over(pool: Any, message: Any, reason: str, error: str,
         else:
             message.reject(requeue=True)
 
-    from .consumer import current_keeper
+    from ..consumer import current_keeper
 
     keeper = current_keeper()
     fence = keeper.fence_of(partition) if keeper is not None else None

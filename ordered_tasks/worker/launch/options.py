@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..exceptions import UnsafeWorkerOptionError
+from ...exceptions import UnsafeWorkerOptionError
 
 POOLS = ("prefork", "threads", "solo")
 

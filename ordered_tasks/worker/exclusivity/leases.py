@@ -13,9 +13,9 @@ from typing import Any
 import redis
 from kombu.utils.json import loads
 
-from ..partitioning import queue_name
-from ..queues import partition_queue
-from .book import BOOK
+from ...partitioning import queue_name
+from ...queues import partition_queue
+from ..failures.book import BOOK
 from .fencing import DEADLINES
 
 logger = logging.getLogger(__name__)

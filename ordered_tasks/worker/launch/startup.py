@@ -8,13 +8,13 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from ..conf import get_settings
-from ..exceptions import UnsafeWorkerOptionError
+from ...conf import get_settings
+from ...exceptions import UnsafeWorkerOptionError
 
 logger = logging.getLogger(__name__)
 
 #: Celery apps configured by ``ordered_worker``, with their partitions
-#: (see :func:`~ordered_tasks.worker.child.configure`).
+#: (see :func:`~ordered_tasks.worker.launch.child.configure`).
 ORDERED_APPS: weakref.WeakKeyDictionary[Celery, list[int]] = weakref.WeakKeyDictionary()
 #: The pool size ``ordered_worker`` chose for each of those apps.
 ORDERED_CONCURRENCY: weakref.WeakKeyDictionary[Celery, int] = weakref.WeakKeyDictionary()
@@ -34,7 +34,7 @@ def warn_if_ordered_tasks_wait(app: Celery) -> None:
     Started out of habit instead of ``ordered_worker``, it leaves every
     ordered task PENDING without a hint.
     """
-    from ..routing import key_spec_for
+    from ...routing import key_spec_for
 
     names = sorted(name for name, task in app.tasks.items()
                    if not name.startswith("ordered_tasks.") and key_spec_for(app, name, task) is not None)

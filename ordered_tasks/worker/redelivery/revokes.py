@@ -24,7 +24,7 @@ KEEP_FOR = timedelta(days=1)
 
 def load() -> int:
     """Add the revokes kept in the database to this worker's revoked ids; return how many."""
-    from ..models import RevokedTask
+    from ...models import RevokedTask
 
     ids = list(RevokedTask.objects.filter(revoked_at__gte=timezone.now() - KEEP_FOR)
                .values_list("task_id", flat=True))
@@ -36,7 +36,7 @@ def load() -> int:
 
 def is_revoked(task_id: str) -> bool:
     """Whether ``task_id`` was revoked (in this worker, or kept in the database)."""
-    from ..models import RevokedTask
+    from ...models import RevokedTask
 
     return task_id in worker_state.revoked or RevokedTask.objects.filter(task_id=task_id).exists()
 
@@ -51,7 +51,7 @@ class Keeper:
 
     def sync(self) -> None:
         """Write the revoked ids not written yet (event loop, from a timer); errors are logged."""
-        from ..models import RevokedTask
+        from ...models import RevokedTask
 
         revoked = worker_state.revoked
         now = time.monotonic()

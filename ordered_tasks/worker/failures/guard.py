@@ -15,18 +15,18 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError
 from django.utils import timezone
 
-from ..exceptions import StaleOwnerError
-from ..models import ACTIVE, BLOCKED, RETRYING, AccountState
-from ..options import KEY_HEADER, PARTITION_HEADER
+from ...exceptions import StaleOwnerError
+from ...models import ACTIVE, BLOCKED, RETRYING, AccountState
+from ...options import KEY_HEADER, PARTITION_HEADER
+from ..delivery import RERUN_ENTRY, Delivery
+from ..redelivery.ledger import Ledger, ledger_for
 from . import store
 from .book import BOOK
-from .delivery import RERUN_ENTRY, Delivery
-from .ledger import Ledger, ledger_for
-from .mixin import InPlaceRetry, Parked, seconds_until
 from .placement import NO_KEY, Misfit, place
+from .retry import InPlaceRetry, Parked, seconds_until
 
 if TYPE_CHECKING:
-    from ..models import ParkedMessage
+    from ...models import ParkedMessage
 
 logger = logging.getLogger(__name__)
 #: Seconds to wait before returning a message that could not be parked.
@@ -128,7 +128,7 @@ def _is_redelivery(request: Any) -> bool:
 
 def _handled_before(ledger: Ledger | None, request: Any, key: str, partition: int) -> bool:
     """A redelivered message already ran to the end, or was already parked."""
-    from ..models import ParkedMessage
+    from ...models import ParkedMessage
 
     if ledger is not None and ledger.completed(partition, request.id):
         return True
@@ -159,7 +159,7 @@ def requeue_unless_stored(what: str) -> Iterator[None]:
 
 def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: int,
            retry: InPlaceRetry, replaying: Replaying | None) -> None:
-    from ..control import publish_wake
+    from ...control import publish_wake
 
     retries = int(request.retries or 0) + 1
     due_at = timezone.now() + timedelta(seconds=retry.countdown)
@@ -206,7 +206,7 @@ def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: 
 def announce_blocked(key: str, partition: int, task_name: str, task_id: str, error: str,
                      reason: str) -> None:
     """The key was just blocked in the database: remember it and send ``key_blocked``."""
-    from ..signals import key_blocked
+    from ...signals import key_blocked
 
     BOOK.set(key, partition, BLOCKED)
     key_blocked.send(sender=AccountState, key=key, partition=partition, task_name=task_name,

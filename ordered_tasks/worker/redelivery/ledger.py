@@ -8,10 +8,10 @@ from typing import Any
 
 import redis
 
-from ..conf import get_settings
-from ..coordination import coordination_client
-from ..partitioning import queue_name
-from .unanswered import Unanswered
+from ...conf import get_settings
+from ...coordination import coordination_client
+from ...partitioning import queue_name
+from ..transport.unanswered import Unanswered
 
 logger = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..conf import get_settings
-from ..exceptions import InvalidKeyError
-from ..models import ParkedMessage
-from ..options import KEY_HEADER, PARTITION_HEADER
-from ..partitioning import MAX_KEY_LENGTH, canonical_key, partition_of
-from ..routing import key_spec_for
-from .delivery import queue_partition
+from ...conf import get_settings
+from ...exceptions import InvalidKeyError
+from ...models import ParkedMessage
+from ...options import KEY_HEADER, PARTITION_HEADER
+from ...partitioning import MAX_KEY_LENGTH, canonical_key, partition_of
+from ...routing import key_spec_for
+from ..delivery import queue_partition
 
 Reason = ParkedMessage.Reason
 #: The key under which messages are kept that belong to no key of their partition (no

@@ -6,7 +6,7 @@ import mmap
 import struct
 from collections.abc import Iterable
 
-from ..models import ACTIVE
+from ...models import ACTIVE
 
 _COUNTER = struct.Struct("Q")
 #: A partition's stamp: how many times its key states changed, and how many
@@ -117,7 +117,7 @@ class KeyBook:
 
     def load(self, partition: int) -> dict[str, str]:
         """Read the held keys of ``partition``, and of the worker's other out-of-date partitions."""
-        from ..models import AccountState
+        from ...models import AccountState
 
         stale = {partition, *(p for p in self.partitions if not self._current(p))}
         for p in stale:  # the stamp before the query: a change made meanwhile means another read

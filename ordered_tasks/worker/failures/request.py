@@ -12,11 +12,11 @@ from celery.worker import state
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from ..models import ParkedMessage
+from ...models import ParkedMessage
+from ..consumer import current_keeper, current_pool
+from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
+from ..health.figures import FIGURES
 from .book import BOOK
-from .consumer import current_keeper, current_pool
-from .delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
-from .figures import FIGURES
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason

@@ -13,19 +13,19 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.serialization import loads, prepare_accept_content
 
-from ..conf import get_settings
-from ..control import REPLAY, SKIP, WAKE, publish_control, publish_wake
-from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ControlRequest, ParkedMessage
-from ..partitioning import partition_of
-from ..queues import partition_queue
-from ..signals import key_resumed
+from ...conf import get_settings
+from ...control import REPLAY, SKIP, WAKE, publish_control, publish_wake
+from ...models import ACTIVE, BLOCKED, RETRYING, AccountState, ControlRequest, ParkedMessage
+from ...partitioning import partition_of
+from ...queues import partition_queue
+from ...signals import key_resumed
+from ..delivery import CONTENT_ENTRY, FENCE_ENTRY
+from ..exclusivity.fencing import FENCE
+from ..redelivery.ledger import ledger_for
+from ..redelivery.revokes import is_revoked
 from . import store
 from .book import BOOK
-from .delivery import CONTENT_ENTRY, FENCE_ENTRY
-from .fencing import FENCE
 from .guard import REPLAYING, Replaying, announce_blocked
-from .ledger import ledger_for
-from .revokes import is_revoked
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from ..exceptions import StaleOwnerError
-from ..models import ACTIVE, BLOCKED, RETRYING, AccountState, ParkedMessage, PartitionFence
-from .delivery import Delivery
-from .fencing import FENCE
+from ...exceptions import StaleOwnerError
+from ...models import ACTIVE, BLOCKED, RETRYING, AccountState, ParkedMessage, PartitionFence
+from ..delivery import Delivery
+from ..exclusivity.fencing import FENCE
 
 PARKED = ParkedMessage.State.PARKED
 Reason = ParkedMessage.Reason
@@ -196,7 +196,7 @@ def park_unrunnable(delivery: Delivery, reason: str, error: str) -> AccountState
 def refuse(delivery: Delivery, reason: str, error: str) -> AccountState:
     """Keep a message that belongs to no key of its partition as a record; nothing is held.
 
-    ``delivery.key`` is :data:`~ordered_tasks.worker.placement.NO_KEY`; the
+    ``delivery.key`` is :data:`~ordered_tasks.worker.failures.placement.NO_KEY`; the
     message's headers and body say what it was.
     """
     with transaction.atomic():

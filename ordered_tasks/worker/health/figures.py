@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..options import KEY_HEADER, PUBLISHED_HEADER
+from ...options import KEY_HEADER, PUBLISHED_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Figures:
 
     def _of(self, request: Any) -> tuple[int, PartitionFigures | None, str]:
         """The partition whose queue delivered the request's message, its figures, and the key."""
-        from .delivery import delivered_partition
+        from ..delivery import delivered_partition
 
         headers = getattr(request, "_request_dict", None) or {}
         partition = delivered_partition(headers)
@@ -192,7 +192,7 @@ def write(figures: Figures, owned: set[int]) -> None:
     """
     from django.utils import timezone
 
-    from ..models import AccountState, PartitionStatus
+    from ...models import AccountState, PartitionStatus
 
     rows, keys = figures.snapshot(owned)
     now = timezone.now()
@@ -218,8 +218,8 @@ def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: f
     The broker is asked only when some owned partition has been idle for
     :data:`STALL_AFTER` seconds, so a busy worker never asks.
     """
-    from ..brokerstats import BrokerUnavailable, queue_figures
-    from ..conf import get_settings
+    from ...brokerstats import BrokerUnavailable, queue_figures
+    from ...conf import get_settings
 
     if not figures.idle(owned, now):
         return
@@ -245,7 +245,7 @@ def start_reporting(worker: str, broker_url: str = "",
     Every :data:`STALL_CHECK` seconds it also looks for stalled partitions
     (see :func:`warn_about_stalls`).
     """
-    from .consumer import current_keeper
+    from ..consumer import current_keeper
 
     FIGURES.worker = worker
 

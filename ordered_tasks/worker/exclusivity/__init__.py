@@ -1,0 +1,1 @@
+"""Exclusivity: "Exactly one active consumer per partition" and "One task at a time per partition"."""

@@ -1,0 +1,1 @@
+"""Launching and supervision: "Dead workers are restarted", "Warm shutdown", and unsafe workers refused."""
