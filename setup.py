@@ -30,6 +30,7 @@ setup(
             "psycopg[binary]>=3.1",
             "django-celery-results>=2.5",
             "selenium>=4.20",
+            "import-linter>=2.1",
         ],
         "demo": ["django-celery-results>=2.5"],
         "bench": ["psycopg[binary]>=3.1", "matplotlib>=3.7"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .control import replay, skip
+from .actions import replay, skip
 from .decorators import ordered_task
 from .exceptions import (
     ConfigurationError,
@@ -13,8 +13,9 @@ from .exceptions import (
     UnsafeOptionError,
     UnsafeWorkerOptionError,
 )
-from .partitioning import canonical_key, partition_for, queue_for
+from .partitioning import canonical_key, partition_for
 from .plugin import install
+from .queues import queue_for
 from .task import OrderedTask
 
 __version__ = "0.1.0"

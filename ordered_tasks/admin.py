@@ -17,9 +17,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
 
-from . import control
+from . import actions
 from .exceptions import OrderedTaskError
-from .models import BLOCKED, RETRYING, AccountState, ControlRequest, ParkedMessage, PartitionStatus
+from .models import AccountState, ControlRequest, ParkedMessage, PartitionStatus
+from .states import ControlAction, KeyStatus
 
 #: The permission that allows replay and skip (codename ``replay_accountstate``).
 REPLAY_PERMISSION = "ordered_tasks.replay_accountstate"
@@ -27,7 +28,8 @@ VIEW_PERMISSION = "ordered_tasks.view_accountstate"
 #: Seconds between two automatic reloads of the partitions page.
 REFRESH_SECONDS = 5
 
-_URGENCY = Case(When(status=BLOCKED, then=Value(0)), When(status=RETRYING, then=Value(1)), default=Value(2),
+_URGENCY = Case(When(status=KeyStatus.BLOCKED, then=Value(0)), When(status=KeyStatus.RETRYING, then=Value(1)),
+                default=Value(2),
                 output_field=IntegerField())
 
 
@@ -162,18 +164,18 @@ class AccountStateAdmin(ReadOnly, _AccountAdmin):
 
     @admin.action(description="Replay the parked messages of the selected accounts", permissions=["replay"])
     def replay(self, request: HttpRequest, queryset: QuerySet[AccountState]) -> HttpResponse | None:
-        return self._control(request, queryset, control.REPLAY)
+        return self._control(request, queryset, ControlAction.REPLAY)
 
     @admin.action(description="Skip the failed message of the selected accounts, then run the rest",
                   permissions=["replay"])
     def skip(self, request: HttpRequest, queryset: QuerySet[AccountState]) -> HttpResponse | None:
-        return self._control(request, queryset, control.SKIP)
+        return self._control(request, queryset, ControlAction.SKIP)
 
     def _control(self, request: HttpRequest, queryset: QuerySet[AccountState],
-                 action: str) -> HttpResponse | None:
+                 action: ControlAction) -> HttpResponse | None:
         """Django's ``delete_selected`` pattern: confirm first, act on ``post=yes``."""
         if request.POST.get("post") == "yes":
-            apply = control.replay if action == control.REPLAY else control.skip
+            apply = actions.replay if action == ControlAction.REPLAY else actions.skip
             done, refused = [], []
             for state in queryset:
                 try:
@@ -218,8 +220,8 @@ class PartitionStatusAdmin(ReadOnly, _PartitionAdmin):
     def partitions_view(self, request: HttpRequest) -> HttpResponse:
         from django.core.exceptions import PermissionDenied
 
-        from .dashboard import SILENT_AFTER, overview
-        from .worker.health.figures import STALL_AFTER
+        from .dashboard import overview
+        from .health import SILENT_AFTER, STALL_AFTER
 
         if not self.has_view_permission(request):
             raise PermissionDenied

@@ -14,7 +14,7 @@ class OrderedTasksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import control  # noqa: F401  (registers the control task)
+        from . import messages  # noqa: F401  (registers the control task)
         from .checks import check_settings
         from .plugin import install_everywhere
 

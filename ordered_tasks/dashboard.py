@@ -12,12 +12,10 @@ from django.utils import timezone
 from .brokerstats import BrokerUnavailable, QueueFigures, queue_figures
 from .conf import get_settings
 from .exceptions import ConfigurationError
-from .models import BLOCKED, RETRYING, AccountState, PartitionStatus
+from .health import SILENT_AFTER, STALL_AFTER
+from .models import AccountState, PartitionStatus
 from .partitioning import queue_name
-from .worker.health.figures import FLUSH_INTERVAL, STALL_AFTER
-
-#: A consumer whose last report is older than this is shown as silent.
-SILENT_AFTER = 3 * FLUSH_INTERVAL
+from .states import KeyStatus
 
 
 @dataclass
@@ -74,7 +72,8 @@ def overview(now: datetime | None = None) -> tuple[list[PartitionRow], str | Non
     statuses = {s.partition: s for s in PartitionStatus.objects.filter(partition__lt=conf.partitions)}
     held = {
         row["partition"]: row for row in AccountState.objects.values("partition").annotate(
-            blocked=Count("pk", filter=Q(status=BLOCKED)), retrying=Count("pk", filter=Q(status=RETRYING)))
+            blocked=Count("pk", filter=Q(status=KeyStatus.BLOCKED)),
+            retrying=Count("pk", filter=Q(status=KeyStatus.RETRYING)))
     }
     rows = []
     for partition in range(conf.partitions):

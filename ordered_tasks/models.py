@@ -9,10 +9,10 @@ from django.db import models
 from django.utils import timezone
 
 from .partitioning import MAX_KEY_LENGTH
+from .states import ControlAction, KeyStatus
 
-ACTIVE = "active"
-RETRYING = "retrying"
-BLOCKED = "blocked"
+#: The statuses of :class:`~ordered_tasks.states.KeyStatus`, by their old names.
+ACTIVE, RETRYING, BLOCKED = KeyStatus.ACTIVE.value, KeyStatus.RETRYING.value, KeyStatus.BLOCKED.value
 
 
 class AccountState(models.Model):
@@ -22,9 +22,9 @@ class AccountState(models.Model):
     """
 
     class Status(models.TextChoices):
-        ACTIVE = ACTIVE, "active"
-        RETRYING = RETRYING, "retrying"
-        BLOCKED = BLOCKED, "blocked"
+        ACTIVE = KeyStatus.ACTIVE.value, "active"
+        RETRYING = KeyStatus.RETRYING.value, "retrying"
+        BLOCKED = KeyStatus.BLOCKED.value, "blocked"
 
     key = models.CharField(max_length=MAX_KEY_LENGTH, unique=True)
     partition = models.PositiveIntegerField(db_index=True)
@@ -133,8 +133,8 @@ class ControlRequest(models.Model):
     """Who asked to replay or skip a key, when, and what the consumer did about it."""
 
     class Action(models.TextChoices):
-        REPLAY = "replay", "replay"
-        SKIP = "skip", "skip"
+        REPLAY = ControlAction.REPLAY.value, "replay"
+        SKIP = ControlAction.SKIP.value, "skip"
 
     key = models.CharField(max_length=MAX_KEY_LENGTH, db_index=True)
     action = models.CharField(max_length=16, choices=Action.choices)

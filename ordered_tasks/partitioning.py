@@ -105,11 +105,3 @@ def partition_for(key: object, partitions: int | None = None) -> int:
 
         partitions = get_settings().partitions
     return partition_of(key, partitions)
-
-
-def queue_for(key: object) -> str:
-    """Queue of ``key``: ``f"{QUEUE_PREFIX}.{partition_for(key)}"``."""
-    from .conf import get_settings
-
-    conf = get_settings()
-    return queue_name(conf.queue_prefix, partition_of(key, conf.partitions))

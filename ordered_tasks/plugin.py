@@ -8,9 +8,10 @@ from celery import Celery, _state
 
 from .publish import PublishGuard
 from .routing import route_task
-from .worker.launch.startup import RefuseUnsafeConsumers
 
 ROUTER_PATH = "ordered_tasks.routing.route_task"
+#: The worker start-up step, named so that a process that only publishes never loads the worker.
+REFUSE_UNSAFE_CONSUMERS = "ordered_tasks.worker.launch.startup:RefuseUnsafeConsumers"
 
 
 def _routes_of(app: Celery) -> tuple[Any, ...]:
@@ -37,7 +38,7 @@ def install(app: Celery) -> Celery:
         amqp = app.amqp
         amqp.flush_routes()
         amqp.__dict__.pop("router", None)
-    app.steps["worker"].add(RefuseUnsafeConsumers)
+    app.steps["worker"].add(REFUSE_UNSAFE_CONSUMERS)
     amqp = app.amqp
     if not isinstance(amqp.send_task_message, PublishGuard):
         amqp.send_task_message = PublishGuard(app, amqp.send_task_message)  # type: ignore[misc]

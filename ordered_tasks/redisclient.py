@@ -6,11 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from kombu.transport import redis as kombu_redis
-
 #: The channel attribute that keeps the reused client, with the pool it was made for.
 _CACHE = "_ordered_tasks_client"
-_RedisChannel: Any = kombu_redis.Channel  # kombu is untyped
+
+
+def _is_redis(channel: Any) -> bool:
+    """Whether ``channel`` is a channel of kombu's Redis transport (without importing it)."""
+    return getattr(getattr(channel, "connection", None), "driver_type", None) == "redis" and hasattr(
+        channel, "pool")
 
 
 @contextmanager
@@ -24,13 +27,13 @@ def reused_client(channel: Any) -> Iterator[None]:
     channel serves as well. It is rebuilt when the channel replaces its pool,
     and plain tasks keep kombu's behaviour.
     """
-    if not isinstance(channel, _RedisChannel):
+    if not _is_redis(channel):
         yield
         return
     pool = channel.pool
     cached = getattr(channel, _CACHE, None)
     if cached is None or cached[0] is not pool:
-        cached = (pool, _RedisChannel._create_client(channel))
+        cached = (pool, type(channel)._create_client(channel))
         setattr(channel, _CACHE, cached)
     client = cached[1]
     create = channel._create_client

@@ -10,8 +10,7 @@ from kombu import Queue
 from .conf import get_settings
 from .keys import KeySpec
 from .options import KEY_HEADER, check_publish_options
-from .partitioning import partition_of
-from .queues import partition_queue
+from .queues import queue_of_key
 
 
 def key_spec_for(app: Celery | None, name: str, task: Any = None) -> KeySpec | None:
@@ -45,5 +44,4 @@ def route_task(name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] 
             and conf.partition_of_queue(queue.name) is not None):
         return None  # OrderedTask.apply_async chose the queue; the publish guard checks it.
     check_publish_options(name, options)
-    partition = partition_of(spec.canonical(args, kwargs), conf.partitions)
-    return {"queue": partition_queue(conf.queue_prefix, partition)}
+    return {"queue": queue_of_key(spec.canonical(args, kwargs)).queue}

@@ -17,11 +17,11 @@ from django.utils import timezone
 
 from ordered_tasks import KeyNotBlockedError, UnknownKeyError, partition_for, replay, skip
 from ordered_tasks.conf import get_settings
-from ordered_tasks.control import REPLAY, SKIP
 from ordered_tasks.exceptions import StaleOwnerError, UnsafeOptionError
 from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage, PartitionFence
 from ordered_tasks.queues import partition_queue
 from ordered_tasks.signals import key_blocked, key_resumed
+from ordered_tasks.states import ControlAction
 from ordered_tasks.worker.delivery import Delivery
 from ordered_tasks.worker.exclusivity.fencing import DEADLINES, FENCE
 from ordered_tasks.worker.failures.book import BOOK
@@ -30,6 +30,7 @@ from tests.conftest import eventually
 from tests.testapp.celery import app as celery_app
 
 pytestmark = pytest.mark.django_db
+REPLAY, SKIP = ControlAction.REPLAY, ControlAction.SKIP
 T = "tests.testapp.tasks."
 
 

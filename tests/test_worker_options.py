@@ -97,7 +97,7 @@ def test_command_refuses_unsafe_options(argv: list[str], message: str) -> None:
 def test_worker_refuses_an_ordered_task_acknowledged_early_and_guards_routed_tasks() -> None:
     from celery import Celery
 
-    from ordered_tasks.worker.failures.retry import GuardedTaskMixin
+    from ordered_tasks.task import GuardedTaskMixin
     from ordered_tasks.worker.launch.child import check_tasks
 
     app = Celery("check-tasks", set_as_current=False)

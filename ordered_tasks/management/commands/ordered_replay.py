@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...control import replay
+from ...actions import replay
 from ._control import ControlCommand
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...control import skip
+from ...actions import skip
 from ._control import ControlCommand
 
 

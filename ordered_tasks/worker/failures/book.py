@@ -6,7 +6,7 @@ import mmap
 import struct
 from collections.abc import Iterable
 
-from ...models import ACTIVE
+from ...states import KeyStatus
 
 _COUNTER = struct.Struct("Q")
 #: A partition's stamp: how many times its key states changed, and how many
@@ -107,7 +107,7 @@ class KeyBook:
     def status(self, key: str, partition: int) -> str:
         """``"active"``, ``"retrying"`` or ``"blocked"``."""
         held = self._held[partition] if self._current(partition) else self.load(partition)
-        return held.get(key, ACTIVE)
+        return held.get(key, KeyStatus.ACTIVE.value)
 
     def _current(self, partition: int) -> bool:
         """Whether this book's copy of ``partition`` is up to date."""
@@ -123,7 +123,7 @@ class KeyBook:
         for p in stale:  # the stamp before the query: a change made meanwhile means another read
             self._seen[p] = self.versions.get(p) if self.versions is not None else (0, 0)
             self._held[p] = {}
-        rows = AccountState.objects.filter(partition__in=sorted(stale)).exclude(status=ACTIVE)
+        rows = AccountState.objects.filter(partition__in=sorted(stale)).exclude(status=KeyStatus.ACTIVE)
         for p, key, status in rows.values_list("partition", "key", "status"):
             self._held[p][key] = status
         return self._held[partition]
@@ -132,10 +132,10 @@ class KeyBook:
         """Record a status the consumer has just written to the database."""
         held = self._held.get(partition)
         if held is not None:
-            if status == ACTIVE:
+            if status == KeyStatus.ACTIVE:
                 held.pop(key, None)
             else:
-                held[key] = status
+                held[key] = str(status)
         if self.versions is not None:
             changes, tenures = self.versions.bump(partition)
             if held is not None and self._seen.get(partition) == (changes - 1, tenures):

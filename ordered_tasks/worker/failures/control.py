@@ -13,40 +13,39 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.serialization import loads, prepare_accept_content
 
-from ...conf import get_settings
-from ...control import REPLAY, SKIP, WAKE, publish_control, publish_wake
-from ...models import ACTIVE, BLOCKED, RETRYING, AccountState, ControlRequest, ParkedMessage
-from ...partitioning import partition_of
-from ...queues import partition_queue
+from ...messages import publish_control, publish_wake
+from ...models import AccountState, ControlRequest, ParkedMessage
+from ...queues import queue_of_key
 from ...signals import key_resumed
+from ...states import ControlAction, KeyStatus
 from ..delivery import CONTENT_ENTRY, FENCE_ENTRY
 from ..exclusivity.fencing import FENCE
 from ..redelivery.ledger import ledger_for
 from ..redelivery.revokes import is_revoked
 from . import store
 from .book import BOOK
-from .guard import REPLAYING, Replaying, announce_blocked
+from .guard import REPLAYING, Outcome, Replaying, announce_blocked
 
 logger = logging.getLogger(__name__)
 
 #: Parked messages run per control message; a longer backlog continues
 #: behind the messages waiting in the partition queue.
 DRAIN_BATCH = 100
-#: Outcome of a parked message that was not started (the lease may have lapsed).
-HANDED_BACK = "handed back"
 #: A wake-up more than this much earlier than the key's retry time is stale.
 STALE_AFTER = timedelta(milliseconds=1)
 
 
-def apply_control(app: Celery, key: str, action: str, request_id: int | None,
+def apply_control(app: Celery, key: str, action: str | ControlAction, request_id: int | None,
                   due: str | None = None) -> str:
     """Apply one control message; return what happened (for the worker log)."""
-    partition = partition_of(key, get_settings().partitions)
-    if action == WAKE:
-        return wake(app, key, partition, datetime.fromisoformat(due) if due else None)
-    if action not in (REPLAY, SKIP):
+    partition = queue_of_key(key).partition
+    try:
+        action = ControlAction(action)
+    except ValueError:
         logger.error("Unknown control action %r for key %r: ignored.", action, key)
         return "unknown action"
+    if action == ControlAction.WAKE:
+        return wake(app, key, partition, datetime.fromisoformat(due) if due else None)
     request = ControlRequest.objects.filter(pk=request_id or 0).first()
     if request is None:
         logger.error("Control request %s for key %r does not exist: ignored.", request_id, key)
@@ -57,17 +56,17 @@ def apply_control(app: Celery, key: str, action: str, request_id: int | None,
         outcome = refusal or "applied"
         if refusal is None and state is not None:
             head = ParkedMessage.objects.filter(key=key, state=store.PARKED).order_by("position").first()
-            if action == SKIP and head is not None:
+            if action == ControlAction.SKIP and head is not None:
                 head.state = ParkedMessage.State.SKIPPED
                 head.save(update_fields=["state", "updated_at"])
                 state.skips += 1
             elif head is not None:
                 head.headers = {**head.headers, "retries": 0}
                 head.save(update_fields=["headers", "updated_at"])
-            if action == REPLAY:
+            if action == ControlAction.REPLAY:
                 state.replays += 1
             state.epoch += 1
-            state.status = RETRYING
+            state.status = KeyStatus.RETRYING
             state.retry_at = timezone.now()
             state.save()
         request.applied_at = timezone.now()
@@ -76,7 +75,7 @@ def apply_control(app: Celery, key: str, action: str, request_id: int | None,
     if outcome != "applied":
         logger.info("%s of key %r: %s", action, key, outcome)
         return outcome
-    BOOK.set(key, partition, RETRYING)
+    BOOK.set(key, partition, KeyStatus.RETRYING)
     status = drain(app, key, partition)
     ControlRequest.objects.filter(pk=request.pk).update(outcome=f"applied; key is {status}")
     return status
@@ -85,7 +84,7 @@ def apply_control(app: Celery, key: str, action: str, request_id: int | None,
 def _refusal(state: AccountState | None, request: ControlRequest) -> str | None:
     if state is None:
         return "nothing to do: the key has no state"
-    if state.status == ACTIVE:
+    if state.status == KeyStatus.ACTIVE:
         return "nothing to do: the key is active"
     if state.epoch != request.epoch:
         return "nothing to do: the request is for an earlier incident of the key (already applied)"
@@ -100,7 +99,7 @@ def wake(app: Celery, key: str, partition: int, due: datetime | None = None) -> 
     published its own) and does nothing; one that fired early is put back.
     """
     state = AccountState.objects.filter(key=key).first()
-    if state is None or state.status != RETRYING:
+    if state is None or state.status != KeyStatus.RETRYING:
         return "nothing to do: the key is not retrying"
     retry_at = state.retry_at
     if retry_at is not None and due is not None and retry_at > due + STALE_AFTER:
@@ -117,39 +116,39 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
     ledger = ledger_for(app)
     for row in rows[:batch]:
         outcome = run_parked(app, row)
-        if outcome == "ok":
+        if outcome == Outcome.OK:
             if ledger is not None and row.task_id:  # a copy still in the broker is recognised
                 ledger.record(partition, row.task_id)
             store.delete_parked(row)
-        elif outcome == HANDED_BACK:
+        elif outcome == Outcome.HANDED_BACK:
             # The key stays retrying; its partition's owner (this worker or a new one)
             # drains it when the wake-up arrives.
             logger.warning("Replay of key %r handed back at message %s; waking the key again.",
                            key, row.task_id)
-            publish_control(app, key, WAKE, due=timezone.now())
-            return RETRYING
-        elif outcome != "continued":
-            return outcome
+            publish_control(app, key, ControlAction.WAKE, due=timezone.now())
+            return KeyStatus.RETRYING.value
+        elif outcome != Outcome.CONTINUED:
+            return str(outcome.value)
     if len(rows) > batch:
         with transaction.atomic():
             state = store.locked_state(key, partition)
-            state.status = RETRYING
+            state.status = KeyStatus.RETRYING
             state.retry_at = timezone.now()
             state.save(update_fields=["status", "retry_at", "updated_at"])
-        BOOK.set(key, partition, RETRYING)
-        publish_control(app, key, WAKE, due=state.retry_at)
-        return RETRYING
+        BOOK.set(key, partition, KeyStatus.RETRYING)
+        publish_control(app, key, ControlAction.WAKE, due=state.retry_at)
+        return KeyStatus.RETRYING.value
     store.activate(key, partition)
-    BOOK.set(key, partition, ACTIVE)
+    BOOK.set(key, partition, KeyStatus.ACTIVE)
     key_resumed.send(sender=AccountState, key=key, partition=partition)
-    return ACTIVE
+    return KeyStatus.ACTIVE.value
 
 
-def run_parked(app: Celery, row: ParkedMessage) -> str:
-    """Run one parked message through Celery's tracer; ``ok``, ``continued``, ``retrying`` or ``blocked``."""
+def run_parked(app: Celery, row: ParkedMessage) -> Outcome:
+    """Run one parked message through Celery's tracer, and say how it went."""
     if row.task_id and is_revoked(row.task_id):
         store.set_aside_revoked(row)
-        return "continued"
+        return Outcome.CONTINUED
     task = app.tasks.get(row.task_name)
     if task is None:
         return _block(row, store.Reason.UNKNOWN_TASK,
@@ -162,8 +161,8 @@ def run_parked(app: Celery, row: ParkedMessage) -> str:
     request: dict[str, Any] = {
         **row.headers, **(embed or {}), "args": args, "kwargs": kwargs, "is_eager": False,
         "hostname": gethostname(),
-        "delivery_info": {"exchange": "", "routing_key": partition_queue(
-            get_settings().queue_prefix, row.partition).name, "priority": None, "redelivered": False},
+        "delivery_info": {"exchange": "", "routing_key": queue_of_key(row.key).queue.name,
+                          "priority": None, "redelivered": False},
         CONTENT_ENTRY: [row.content_type, row.content_encoding],
         FENCE_ENTRY: FENCE.get(),
     }
@@ -173,28 +172,28 @@ def run_parked(app: Celery, row: ParkedMessage) -> str:
         _, info, _, _ = trace_task(task, row.task_id, args, kwargs, request, app=app)
     finally:
         REPLAYING.reset(token)
-    if replaying.outcome != "not run":
+    if replaying.outcome != Outcome.NOT_RUN:
         return replaying.outcome
     if info is None:  # a task without the ordered guard that succeeded
-        return "ok"
+        return Outcome.OK
     if info.state == states.REJECTED:  # not started: this worker's lease may have lapsed
-        return HANDED_BACK
+        return Outcome.HANDED_BACK
     return _block(row, store.Reason.INVALID, f"Celery did not run the task: {info.state} {info.retval!r}")
 
 
-def _block(row: ParkedMessage, reason: str, error: str) -> str:
+def _block(row: ParkedMessage, reason: str, error: str) -> Outcome:
     store.block(row.key, row.partition, row=row, reason=reason, error=error, attempts=row.attempts)
     announce_blocked(row.key, row.partition, row.task_name, row.task_id, error, reason)
-    return BLOCKED
+    return Outcome.BLOCKED
 
 
 def recover_retries(app: Celery, partitions: list[int] | tuple[int, ...] | Any) -> int:
     """Publish a wake-up for every retrying key of ``partitions`` (after a restart)."""
     now = timezone.now()
-    held = AccountState.objects.filter(partition__in=list(partitions), status=RETRYING)
+    held = AccountState.objects.filter(partition__in=list(partitions), status=KeyStatus.RETRYING)
     count = 0
     for key, retry_at in held.values_list("key", "retry_at"):
-        publish_control(app, key, WAKE, eta=retry_at if retry_at and retry_at > now else None,
+        publish_control(app, key, ControlAction.WAKE, eta=retry_at if retry_at and retry_at > now else None,
                         due=retry_at)
         count += 1
     if count:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject, Retry
@@ -16,8 +17,10 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from ...exceptions import StaleOwnerError
-from ...models import ACTIVE, BLOCKED, RETRYING, AccountState
+from ...messages import publish_wake
+from ...models import AccountState
 from ...options import KEY_HEADER, PARTITION_HEADER
+from ...states import KeyStatus
 from ..delivery import RERUN_ENTRY, Delivery
 from ..redelivery.ledger import Ledger, ledger_for
 from . import store
@@ -33,12 +36,28 @@ logger = logging.getLogger(__name__)
 REQUEUE_PAUSE = 1.0
 
 
+class Outcome(str, Enum):
+    """How running a parked message again went."""
+
+    NOT_RUN = "not run"
+    OK = "ok"
+    #: It failed under the ``continue`` policy, or was set aside (revoked): the next one runs.
+    CONTINUED = "continued"
+    RETRYING = KeyStatus.RETRYING.value
+    BLOCKED = KeyStatus.BLOCKED.value
+    #: Not started: this worker's lease of the partition may have lapsed.
+    HANDED_BACK = "handed back"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Replaying:
     """A parked message being run again by the consumer, and how that went."""
 
     row: ParkedMessage
-    outcome: str = "not run"
+    outcome: Outcome = Outcome.NOT_RUN
 
 
 #: Set while the consumer runs a parked message (the key is held, yet it must run).
@@ -59,7 +78,7 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
         with requeue_unless_stored(f"message {request.id}"):
             if _is_redelivery(request) and _handled_before(ledger, request, key, partition):
                 raise Ignore("already handled: a redelivered copy")
-            held = BOOK.status(key, partition) != ACTIVE
+            held = BOOK.status(key, partition) != KeyStatus.ACTIVE
             if held:
                 store.park_held(Delivery.from_request(task, request, args, kwargs))
         if held:
@@ -73,7 +92,7 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
             task.retry(exc=plain.exc, countdown=seconds_until(plain.when))
     except Ignore:
         if replaying is not None:
-            replaying.outcome = "ok"
+            replaying.outcome = Outcome.OK
         raise
     except InPlaceRetry as retry:
         with requeue_unless_stored(f"message {request.id}"):
@@ -86,7 +105,7 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
             raise Ignore(f"rejected, and parked: {exc}") from exc
         raise
     if replaying is not None:
-        replaying.outcome = "ok"
+        replaying.outcome = Outcome.OK
     elif ledger is not None:
         ledger.record(partition, request.id)
     return result
@@ -114,7 +133,7 @@ def park_misfit(delivery: Delivery, reason: str, error: str) -> None:
         return
     was = BOOK.status(delivery.key, delivery.partition)
     state = store.park_unrunnable(delivery, reason, error)
-    if was == ACTIVE and state.status == BLOCKED:
+    if was == KeyStatus.ACTIVE and state.status == KeyStatus.BLOCKED:
         announce_blocked(delivery.key, delivery.partition, delivery.task_name, delivery.task_id, error,
                          reason)
     else:
@@ -159,8 +178,6 @@ def requeue_unless_stored(what: str) -> Iterator[None]:
 
 def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: int,
            retry: InPlaceRetry, replaying: Replaying | None) -> None:
-    from ...control import publish_wake
-
     retries = int(request.retries or 0) + 1
     due_at = timezone.now() + timedelta(seconds=retry.countdown)
     if retry.exc is not None:
@@ -174,12 +191,12 @@ def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition:
         body = Delivery.from_request(task, request, args, kwargs).body if changed else None
         store.schedule_retry(key, partition, due_at=due_at, row=replaying.row, error=error, trace=trace,
                              attempts=replaying.row.attempts + 1, retries=retries, body=body)
-        replaying.outcome = RETRYING
+        replaying.outcome = Outcome.RETRYING
     else:
         delivery = Delivery.from_request(task, request, args, kwargs)
         store.schedule_retry(key, partition, due_at=due_at, delivery=delivery, error=error,
                              trace=trace, attempts=retries, retries=retries)
-    BOOK.set(key, partition, RETRYING)
+    BOOK.set(key, partition, KeyStatus.RETRYING)
     publish_wake(task.app, key, due_at)
 
 
@@ -195,11 +212,11 @@ def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: 
     if task.failure_policy == "continue":
         store.record_failure(key, partition, error=error, trace=trace, attempts=attempts, **where)
         if replaying is not None:
-            replaying.outcome = "continued"
+            replaying.outcome = Outcome.CONTINUED
         return
     store.block(key, partition, error=error, trace=trace, attempts=attempts, **where)
     if replaying is not None:
-        replaying.outcome = BLOCKED
+        replaying.outcome = Outcome.BLOCKED
     announce_blocked(key, partition, task.name, request.id, error, store.Reason.FAILED)
 
 
@@ -208,6 +225,6 @@ def announce_blocked(key: str, partition: int, task_name: str, task_id: str, err
     """The key was just blocked in the database: remember it and send ``key_blocked``."""
     from ...signals import key_blocked
 
-    BOOK.set(key, partition, BLOCKED)
+    BOOK.set(key, partition, KeyStatus.BLOCKED)
     key_blocked.send(sender=AccountState, key=key, partition=partition, task_name=task_name,
                      task_id=task_id, exception=error, reason=reason)

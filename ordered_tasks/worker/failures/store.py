@@ -12,7 +12,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from ...exceptions import StaleOwnerError
-from ...models import ACTIVE, BLOCKED, RETRYING, AccountState, ParkedMessage, PartitionFence
+from ...models import AccountState, ParkedMessage, PartitionFence
+from ...states import KeyStatus
 from ..delivery import Delivery
 from ..exclusivity.fencing import FENCE
 
@@ -117,11 +118,11 @@ def block(key: str, partition: int, *, delivery: Delivery | None = None, row: Pa
         _put(state, row, delivery, reason=reason, state=PARKED, exception=error, traceback=trace,
              attempts=attempts, due_at=None)
         _note_failure(state, error, now)
-        if state.status != BLOCKED:
+        if state.status != KeyStatus.BLOCKED:
             state.epoch += 1
             state.blocks += 1
             state.blocked_at = now
-        state.status = BLOCKED
+        state.status = KeyStatus.BLOCKED
         state.retry_at = None
         state.save()
     return state
@@ -142,9 +143,9 @@ def schedule_retry(key: str, partition: int, *, due_at: datetime, delivery: Deli
             fields["body"] = body
         _put(state, row, delivery, **fields)
         _note_failure(state, error, timezone.now())
-        if state.status == ACTIVE:
+        if state.status == KeyStatus.ACTIVE:
             state.epoch += 1
-        state.status = RETRYING
+        state.status = KeyStatus.RETRYING
         state.retries += 1
         state.retry_at = due_at
         state.save()
@@ -175,7 +176,7 @@ def activate(key: str, partition: int) -> AccountState:
     """The key has no parked messages left: it runs its messages directly again."""
     with transaction.atomic():
         state = locked_state(key, partition)
-        state.status = ACTIVE
+        state.status = KeyStatus.ACTIVE
         state.retry_at = None
         state.save()
     return state
@@ -185,7 +186,7 @@ def park_unrunnable(delivery: Delivery, reason: str, error: str) -> AccountState
     """Park a message that cannot be run as it is: it blocks its key (or waits behind it)."""
     with transaction.atomic():
         state = locked_state(delivery.key, delivery.partition)
-        if state.status != ACTIVE:
+        if state.status != KeyStatus.ACTIVE:
             _add_row(state, delivery, reason=reason, exception=error)
             state.save(update_fields=["sequence", "updated_at"])
             return state

@@ -10,17 +10,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...health import FLUSH_INTERVAL, STALL_AFTER
 from ...options import KEY_HEADER, PUBLISHED_HEADER
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two writes of a worker's figures.
-FLUSH_INTERVAL = 5.0
 #: At most this many keys get their ``last_activity`` written per batch.
 MAX_KEYS_PER_FLUSH = 1000
-#: Seconds without a task starting or ending, while its queue holds messages and nothing
-#: runs, after which a partition counts as stalled (logged, and marked in the admin).
-STALL_AFTER = 60.0
 #: Seconds between two broker queries of a worker that looks for stalled partitions,
 #: and between two warnings about the same stall.
 STALL_CHECK = 30.0

@@ -93,7 +93,8 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
 def check_tasks(app: Celery) -> None:
     """Refuse to start if an ordered task would be acknowledged before it runs; guard routed tasks."""
     from ...routing import key_spec_for
-    from ..failures.retry import guard_task
+    from ...task import GuardedTaskMixin
+    from ..compat import guard_task
 
     for name, task in app.tasks.items():
         if key_spec_for(app, name, task) is None:
@@ -103,7 +104,7 @@ def check_tasks(app: Celery) -> None:
                 f"Task {name} is ordered but has acks_late=False: its message would "
                 "be lost if the worker died while running it. Remove acks_late=False."
             )
-        guard_task(task)
+        guard_task(task, GuardedTaskMixin)
 
 
 QUIET = ("-q", "--quiet")

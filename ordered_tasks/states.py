@@ -1,0 +1,30 @@
+"""Named states of keys and actions on them, shared by the producer, the admin and the worker."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class KeyStatus(str, Enum):
+    """Where a key stands; a key that never failed has no state and counts as active."""
+
+    ACTIVE = "active"
+    RETRYING = "retrying"
+    BLOCKED = "blocked"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ControlAction(str, Enum):
+    """What a control message asks of a key's partition consumer."""
+
+    #: Run the parked messages of a blocked key again, in their order.
+    REPLAY = "replay"
+    #: Set aside the failed head message of a blocked key, then run the rest.
+    SKIP = "skip"
+    #: An in-place retry may be due: look at the key again.
+    WAKE = "wake"
+
+    def __str__(self) -> str:
+        return self.value
