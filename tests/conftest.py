@@ -228,15 +228,11 @@ def holding_consumer(channel: Any, queues: list[Queue]) -> tuple[Any, list[Any],
     Returns the consumer (call ``consume()``), the list of received messages,
     and a function that delivers what the channel fetches, for up to 1.5 s.
     """
-    from types import SimpleNamespace
 
     from kombu import Consumer
 
-    from ordered_tasks.worker.transport.qos import requeue_at_head
-
     held: list[Any] = []
     consumer = Consumer(channel, queues, accept=["json"], callbacks=[lambda body, message: held.append(message)])
-    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
     channel.basic_qos(prefetch_count=10)  # the worker's limit is its partition count
 
     def drain() -> None:

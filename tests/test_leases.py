@@ -35,7 +35,9 @@ def prefix(client: redis.Redis) -> Iterator[str]:
 
 @pytest.fixture
 def channel(redis_broker: str) -> Iterator[Any]:
-    with Connection(redis_broker) as connection:
+    from ordered_tasks.worker.transport.transport import RedisTransport
+
+    with Connection(redis_broker, transport=RedisTransport) as connection:
         channel = connection.channel()
         yield channel
         channel.close()
@@ -130,17 +132,12 @@ def test_restore_does_not_swallow_a_message_the_consumer_is_waiting_for(channel:
 def test_an_acknowledgement_after_the_channel_closed_leaves_the_message_unacknowledged(
         channel: Any, caplog: pytest.LogCaptureFixture) -> None:
     import logging
-    from types import SimpleNamespace
 
     from kombu.exceptions import OperationalError
-
-    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, queue, "1", "2")
     other = channel.connection.client.channel()
-    requeue_at_head(SimpleNamespace(task_consumer=SimpleNamespace(channel=other),
-                                    connection=channel.connection.client))
     acked, rejected = _take(other, queue, 2)
     other.close()  # the broker connection was lost; Celery acknowledges afterwards
     errors = (OperationalError,)
@@ -153,14 +150,10 @@ def test_an_acknowledgement_after_the_channel_closed_leaves_the_message_unacknow
 
 
 def test_a_requeued_message_goes_back_to_the_head(channel: Any) -> None:
-    from types import SimpleNamespace
-
-    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, queue, "1", "2", "3")
-    consumer = Consumer(channel, [queue], accept=["json"])
-    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
+    Consumer(channel, [queue], accept=["json"])  # declares the queue and its binding
     [message] = _take(channel, queue, 1)
     message.reject(requeue=True)  # Celery's Reject(requeue=True), for one
     assert channel.basic_get(queue.name, no_ack=True).payload == "1"
@@ -169,13 +162,9 @@ def test_a_requeued_message_goes_back_to_the_head(channel: Any) -> None:
 
 
 def test_a_message_popped_for_a_cancelled_consumer_goes_back_to_the_head(channel: Any) -> None:
-    from types import SimpleNamespace
-
-    from ordered_tasks.worker.transport.qos import requeue_at_head
 
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: None])
-    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
     consumer.consume()
     channel.connection.cycle.on_poll_start()  # BRPOP in flight, as in the event loop
     _publish(channel, queue, "1", "2")  # BRPOP pops "1"
@@ -185,12 +174,8 @@ def test_a_message_popped_for_a_cancelled_consumer_goes_back_to_the_head(channel
 
 
 def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel: Any) -> None:
-    from types import SimpleNamespace
 
-    from ordered_tasks.worker.transport.fetch import ReliableChannel
-    from ordered_tasks.worker.transport.qos import requeue_at_head
-
-    channel.__class__ = ReliableChannel
+    channel.fetch_reliably()
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, queue, "1", "2")
     received: list[str] = []
@@ -202,7 +187,6 @@ def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel
         message.ack()
 
     consumer = Consumer(channel, [queue], accept=["json"], callbacks=[run])
-    requeue_at_head(SimpleNamespace(task_consumer=consumer, connection=channel.connection.client))
     consumer.consume()
     channel.connection.client.drain_events(timeout=5)  # an ordinary delivery and acknowledgement
     assert received == ["1"] and len(while_running[0]) == 1  # recorded by the script alone
@@ -220,9 +204,9 @@ def test_the_reliable_fetch_records_the_message_before_the_reply_travels(channel
 def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -> None:
     import time
 
-    from ordered_tasks.worker.transport.fetch import IDLE_WAIT, ReliableChannel
+    from ordered_tasks.worker.transport.fetch import IDLE_WAIT
 
-    channel.__class__ = ReliableChannel
+    channel.fetch_reliably()
     queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
     consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: None])
     consumer.consume()
@@ -239,9 +223,8 @@ def test_the_reliable_fetch_waits_a_moment_after_finding_nothing(channel: Any) -
 
 def test_the_reliable_fetch_takes_one_message_per_queue_and_acknowledges_without_waiting(
         channel: Any) -> None:
-    from ordered_tasks.worker.transport.fetch import ReliableChannel
 
-    channel.__class__ = ReliableChannel
+    channel.fetch_reliably()
     first, second = (_queue(f"q-{uuid.uuid4().hex[:8]}") for _ in range(2))
     _publish(channel, first, "a1", "a2", "a3")
     _publish(channel, second, "b1")

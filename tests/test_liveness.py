@@ -42,11 +42,12 @@ def test_unanswered_writes_survive_a_health_check_after_a_quiet_spell(
 
 @pytest.fixture
 def reliable_channel(redis_broker: str) -> Iterator[Any]:
-    from ordered_tasks.worker.transport.fetch import ReliableChannel
 
-    with Connection(redis_broker) as connection:
+    from ordered_tasks.worker.transport.transport import RedisTransport
+
+    with Connection(redis_broker, transport=RedisTransport) as connection:
         channel = connection.channel()
-        channel.__class__ = ReliableChannel
+        channel.fetch_reliably()
         yield channel
         channel.close()
 

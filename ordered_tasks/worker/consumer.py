@@ -23,8 +23,8 @@ from .failures.book import BOOK
 from .failures.unrunnable import hand_over
 from .health.figures import FIGURES
 from .launch.startup import ORDERED_APPS
-from .transport.fetch import fetch_reliably
-from .transport.qos import requeue_at_head
+from .transport.fetch import start_fetching_reliably
+from .transport.transport import ordered_transport
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)
@@ -163,6 +163,15 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
                 step.start = MethodType(_start_tasks_step, step)  # type: ignore[method-assign]
                 step.qos_global = MethodType(_per_consumer_qos, step)  # type: ignore[method-assign]
 
+    def connection_for_read(self, heartbeat: float | None = None) -> Any:
+        """The broker connection the consumer reads with, on ordered_tasks' transport for Redis.
+
+        Its channels requeue at the head, and the task channel fetches
+        reliably once the ``Leases`` step turns it on.
+        """
+        return self.ensure_connected(self.app.connection_for_read(
+            heartbeat=heartbeat, transport=ordered_transport(self.app)))
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
 
@@ -240,8 +249,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
                 raise ConfigurationError("ordered workers on Redis need a coordination Redis")
             keeper = _keeper = LeaseKeeper(client, conf.queue_prefix, partitions)
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
-        requeue_at_head(c)
-        self.wake = fetch_reliably(c.task_consumer.channel, c.timer)
+        self.wake = start_fetching_reliably(c.task_consumer.channel, c.timer)
         # The reliable fetch takes at most one message per partition queue;
         # kombu's BRPOP does not, so it gets one message in all.
         c.qos.value = len(partitions) if self.wake is not None else 1

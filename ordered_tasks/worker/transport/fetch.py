@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from queue import Empty
 from time import monotonic, time
@@ -13,6 +14,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
 
+from .qos import HeadQoS
 from .unanswered import Unanswered
 
 logger = logging.getLogger(__name__)
@@ -67,9 +69,10 @@ for i = 1, count do
 end
 return false
 """
+_FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
 
 class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
-    """Kombu's Redis channel, fetching with one atomic script instead of ``BRPOP``.
+    """Kombu's Redis channel; once :meth:`fetch_reliably` is called, it fetches with one atomic script.
 
     With ``BRPOP`` a message exists only in the reply while it travels to
     the worker: if the worker dies or Redis restarts in that instant, it is
@@ -84,15 +87,30 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     message that is handed back to the head of its queue is never overtaken
     by a later one of its partition, while other partitions' messages are
     already fetched when a task ends.
+
+    The script is sent once per connection, then called by its hash. Other
+    channels of the transport (Celery's gossip, its remote control) keep
+    kombu's ``BRPOP``. Every channel requeues at the head (:class:`HeadQoS`).
     """
 
+    QoS = HeadQoS
+    #: Whether this channel fetches with the script (see :meth:`fetch_reliably`).
+    fetches_reliably = False
+    #: The Redis connection that has been sent the script (None: send it with the next fetch).
+    _script_on: Any = None
     _idle_until = 0.0
     _acks: Unanswered | None = None
     _ack_retry_at = 0.0
     #: Delivery tags whose acknowledgement could not be sent (sent again by the timer).
     _unsent: list[str] | None = None
 
+    def fetch_reliably(self) -> None:
+        """Fetch with the script from now on (the task channel of an ordered worker)."""
+        self.fetches_reliably = True
+
     def _brpop_start(self, timeout: Any = None) -> None:
+        if not self.fetches_reliably:
+            return super()._brpop_start(timeout)  # type: ignore[no-any-return,misc]
         if monotonic() < self._idle_until:
             return
         channel: Any = self  # kombu is untyped
@@ -104,9 +122,15 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         names = [queue for _pri in channel.priority_steps for queue in queues]
         keys = [prefix + channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues]
         keys += [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
-        channel._in_poll = channel.client.connection
+        connection = channel.client.connection
+        channel._in_poll = connection
         channel._brpop_sent_at = monotonic()
-        channel.client.connection.send_command("EVAL", _FETCH, len(keys), *keys, time(), uuid4().hex, *names)
+        arguments = (len(keys), *keys, time(), uuid4().hex, *names)
+        if self._script_on is connection:
+            connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
+        else:  # Redis caches the script as it runs it
+            connection.send_command("EVAL", _FETCH, *arguments)
+            self._script_on = connection
 
     def forget(self, delivery_tag: str) -> bool:
         """Delete the unacknowledged record of an acknowledged message, without waiting for Redis.
@@ -175,18 +199,17 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return _read_reply(self, **options)
+        except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts: nothing ran
+            self._script_on = None
+            raise Empty() from None
         except Empty:
-            self._idle_until = monotonic() + IDLE_WAIT
+            if self.fetches_reliably:
+                self._idle_until = monotonic() + IDLE_WAIT
             raise
 
 
 class ReliableSentinelChannel(ReliableChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
     """The reliable fetch on a channel that finds its Redis master through Sentinel."""
-
-
-#: kombu's Redis channel classes, and the reliable variant of each.
-_RELIABLE: dict[type, type] = {kombu_redis.Channel: ReliableChannel,
-                               kombu_redis.SentinelChannel: ReliableSentinelChannel}
 
 
 def _unacknowledged_queues(qos: Any) -> set[str]:
@@ -199,19 +222,16 @@ def _unacknowledged_queues(qos: Any) -> set[str]:
             if tag not in dirty}
 
 
-def fetch_reliably(channel: Any, timer: Any) -> Any:
-    """Switch a worker's task channel to the reliable fetch.
+def start_fetching_reliably(channel: Any, timer: Any) -> Any:
+    """Turn on the reliable fetch of a worker's task channel, if it is one of ordered_tasks' Redis channels.
 
     Returns the timer entry that wakes the event loop while the channel
     waits after an empty fetch, and sends acknowledgements that Redis did
     not take again (cancel it when the consumer stops), or None when the
-    channel is neither kombu's Redis channel nor its Sentinel channel (it
-    then keeps ``BRPOP``).
+    channel is not a :class:`ReliableChannel` (it then keeps ``BRPOP``).
     """
-    reliable = _RELIABLE.get(type(channel))
-    if reliable is None:
+    if not isinstance(channel, ReliableChannel):
         return None
-    channel.__class__ = reliable
+    channel.fetch_reliably()
     # The event loop polls the channels again after every timer.
-    return timer.call_repeatedly(IDLE_WAIT, ReliableChannel.send_unsent_acknowledgements, (channel,),
-                                 priority=10)
+    return timer.call_repeatedly(IDLE_WAIT, channel.send_unsent_acknowledgements, priority=10)

@@ -1,15 +1,12 @@
-"""The QoS of an ordered worker's Redis task channel: messages handed back go to the head."""
+"""The QoS of an ordered worker's Redis channels: messages handed back go to the head."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
-
-from .fetch import ReliableChannel
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +30,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
     restore_at_shutdown = False
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        if isinstance(self.channel, ReliableChannel):
+        if getattr(self.channel, "fetches_reliably", False):
             # The fetch script recorded it as unacknowledged already: save the round trip.
             VirtualQoS.append(self, message, delivery_tag)
         else:
@@ -42,8 +39,9 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
     def ack(self, delivery_tag: str) -> None:
         if self._closed("acknowledge", delivery_tag):
             return
-        if isinstance(self.channel, ReliableChannel):
-            if self.channel.forget(delivery_tag):  # else it is sent again later
+        forget = getattr(self.channel, "forget", None)
+        if forget is not None:
+            if forget(delivery_tag):  # else it is sent again later
                 VirtualQoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
@@ -71,25 +69,3 @@ def _requeue_at_head(qos: Any, delivery_tag: str) -> None:
     """Move an unacknowledged message back to the head of its queue and forget it here."""
     qos.restore_by_tag(delivery_tag, leftmost=False)
     VirtualQoS.ack(qos, delivery_tag)
-
-
-def _reject_inbound_at_head(transport: Any, raw_message: Any) -> None:
-    """Kombu's handling of a message popped for a queue no longer consumed, requeueing at the head.
-
-    It happens when a consumer is cancelled (lease lost, shutdown) while its
-    fetch is in flight; the reply is still read and must not move the
-    message behind later ones.
-    """
-    for channel in transport.channels:
-        if channel:
-            message = channel.Message(raw_message, channel=channel)
-            channel.qos.append(message, message.delivery_tag)
-            _requeue_at_head(channel.qos, message.delivery_tag)
-            return
-
-
-def requeue_at_head(consumer: Any) -> None:
-    """Make the task channel and the transport of a Redis worker consumer requeue at the head."""
-    consumer.task_consumer.channel.qos.__class__ = HeadQoS
-    transport = consumer.connection.transport
-    transport._reject_inbound_message = functools.partial(_reject_inbound_at_head, transport)
