@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import Celery, _state
+from celery import Celery
 from celery.app.utils import find_app
 
+from .compat import current_or_default_app
 from .conf import get_settings
 from .exceptions import ConfigurationError
 
@@ -26,8 +25,7 @@ def find_celery_app(path: str | None = None) -> Celery:
             raise ConfigurationError(f"{path!r} is not a Celery app.")
         found: Celery = app
         return found
-    state: Any = _state
-    current: Celery | None = state._tls.current_app or state.default_app
+    current = current_or_default_app()
     if current is None or current.main == "default":
         raise ConfigurationError(
             "No Celery app is loaded. Import your app in your project's __init__.py "

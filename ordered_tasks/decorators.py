@@ -5,9 +5,10 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable
 
-from celery import Celery, Task, _state
+from celery import Celery, Task
 from celery.local import Proxy
 
+from .compat import active_apps, current_app, finalize_lock, is_finalized, on_app_finalize, register_task
 from .keys import KeySource, KeySpec
 from .options import check_task_options
 from .task import OrderedTaskMixin
@@ -44,17 +45,17 @@ def ordered_task(*, key: KeySource, **options: Any) -> Callable[[Callable[..., A
 
         def register(app: Celery) -> Task[Any, Any]:
             base = ordered_base(options.get("base") or app.Task)
-            task = app._task_from_fun(fun, **{**options, "base": base, "ordered_key": spec})
+            task: Task[Any, Any] = register_task(app, fun, **{**options, "base": base, "ordered_key": spec})
             return task
 
-        _state.connect_on_app_finalize(register)
-        for app in _state._get_active_apps():  # type: ignore[attr-defined]
-            if app.finalized:
-                with app._finalize_mutex:
+        on_app_finalize(register)
+        for app in active_apps():
+            if is_finalized(app):
+                with finalize_lock(app):
                     register(app)
 
         def current_task() -> Task[Any, Any]:
-            app = _state.get_current_app()
+            app = current_app()
             return app.tasks[name or app.gen_task_name(fun.__name__, fun.__module__)]
 
         return Proxy(current_task)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, _state
+from celery import Celery
 
+from .compat import active_apps, on_app_finalize
 from .publish import PublishGuard
 from .routing import route_task
 
@@ -47,6 +48,6 @@ def install(app: Celery) -> Celery:
 
 def install_everywhere() -> None:
     """Install into every Celery app that exists now or is finalized later."""
-    _state.connect_on_app_finalize(install)
-    for app in list(_state._get_active_apps()):  # type: ignore[attr-defined]
+    on_app_finalize(install)
+    for app in active_apps():
         install(app)

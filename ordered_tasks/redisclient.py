@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .compat import channel_client, new_client
+
 #: The channel attribute that keeps the reused client, with the pool it was made for.
 _CACHE = "_ordered_tasks_client"
 
@@ -33,16 +35,7 @@ def reused_client(channel: Any) -> Iterator[None]:
     pool = channel.pool
     cached = getattr(channel, _CACHE, None)
     if cached is None or cached[0] is not pool:
-        cached = (pool, type(channel)._create_client(channel))
+        cached = (pool, new_client(channel))
         setattr(channel, _CACHE, cached)
-    client = cached[1]
-    create = channel._create_client
-
-    def create_client(asynchronous: bool = False) -> Any:
-        return create(asynchronous=True) if asynchronous else client
-
-    channel._create_client = create_client
-    try:
+    with channel_client(channel, cached[1]):
         yield
-    finally:
-        del channel._create_client

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 from celery import Celery
 from kombu import Queue
 
+from .compat import task_registry
 from .conf import get_settings
 from .keys import KeySpec
 from .options import KEY_HEADER, check_publish_options
@@ -16,8 +17,7 @@ from .queues import queue_of_key
 def key_spec_for(app: Celery | None, name: str, task: Any = None) -> KeySpec | None:
     """How to find the key of task ``name``: its own spec, else ``ROUTES``, else None."""
     if task is None and app is not None:
-        registry: Any = app._tasks  # type: ignore[attr-defined]
-        task = registry.get(name)
+        task = task_registry(app).get(name)
     spec = getattr(task, "ordered_key", None)
     if isinstance(spec, KeySpec):
         return spec

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from types import MethodType
 from typing import Any
 
 from celery import bootsteps, signals
@@ -12,6 +11,7 @@ from celery.worker import state
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.tasks import Tasks
 
+from ..compat import never_cancel, override_step_methods
 from ..conf import get_settings
 from ..coordination import coordination_client
 from ..exceptions import ConfigurationError
@@ -84,7 +84,7 @@ def _start_tasks_step(step: Tasks, c: Any) -> None:
     FIGURES.new_tenure()
     Tasks.start(step, c)
     if amqp:
-        c.task_consumer.cancel = c.task_consumer.close = _never_cancel
+        never_cancel(c.task_consumer, _never_cancel)
 
 
 #: Partition queues this process reported as declared without single active consumer.
@@ -160,8 +160,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         _current = weakref.ref(self)
         for step in self.blueprint.steps.values():
             if isinstance(step, Tasks):
-                step.start = MethodType(_start_tasks_step, step)  # type: ignore[method-assign]
-                step.qos_global = MethodType(_per_consumer_qos, step)  # type: ignore[method-assign]
+                override_step_methods(step, start=_start_tasks_step, qos_global=_per_consumer_qos)
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
         """The broker connection the consumer reads with, on ordered_tasks' transport for Redis.

@@ -92,9 +92,9 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
 
 def check_tasks(app: Celery) -> None:
     """Refuse to start if an ordered task would be acknowledged before it runs; guard routed tasks."""
+    from ...compat import guard_task
     from ...routing import key_spec_for
     from ...task import GuardedTaskMixin
-    from ..compat import guard_task
 
     for name, task in app.tasks.items():
         if key_spec_for(app, name, task) is None:

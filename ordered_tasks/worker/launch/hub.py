@@ -14,6 +14,8 @@ from typing import Any
 from celery import bootsteps
 from kombu.asynchronous.hub import Hub
 
+from ...compat import make_hub_ready_aware
+
 
 class ReadyAwarePoller:
     """Wraps a kombu poller: polls without waiting while the hub has ready callbacks."""
@@ -50,8 +52,7 @@ class ReadyAwareHubStep(bootsteps.Step):
         hub = getattr(parent, "hub", None)
         if not isinstance(hub, Hub):
             return  # no event loop in this worker, nothing to fix
-        if not isinstance(hub, ReadyAwareHub):
-            hub.__class__ = ReadyAwareHub
+        make_hub_ready_aware(hub, ReadyAwareHub)
         raw: Any = hub
         if raw._poller is not None and not isinstance(raw._poller, ReadyAwarePoller):
             raw._poller = ReadyAwarePoller(raw._poller, raw)
