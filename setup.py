@@ -34,7 +34,7 @@ setup(
         ],
         "demo": ["django-celery-results>=2.5"],
         "bench": ["psycopg[binary]>=3.1", "matplotlib>=3.7"],
-        "lint": ["ruff>=0.6", "mypy>=1.10", "django-stubs>=5.0", "celery-types>=0.22"],
+        "lint": ["ruff>=0.6", "mypy>=1.10", "django-stubs>=5.0", "celery-types>=0.22", "import-linter>=2.1"],
         "docs": ["sphinx>=7"],
     },
     classifiers=[
