@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from types import MethodType
 from typing import Any, Callable, NamedTuple
 
 from celery import Celery, _state
@@ -62,9 +61,6 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     Private("celery.worker.request:Request", "_message"),
     Private("celery.worker.request:Request", "_content_type"),
     Private("celery.worker.request:Request", "_content_encoding"),
-    # Methods of Celery's Tasks step given per instance (see override_step_methods).
-    Private("celery.worker.consumer.tasks:Tasks", "start", ("c",)),
-    Private("celery.worker.consumer.tasks:Tasks", "qos_global", ("c",)),
 )
 
 
@@ -150,29 +146,6 @@ def guard_task(task: Any, mixin: type) -> None:
         guarded = type(f"Guarded{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
         _GUARDED[(cls, mixin)] = guarded
     task.__class__ = guarded
-
-
-def override_step_methods(step: Any, **methods: Callable[..., Any]) -> None:
-    """Bind ``methods`` to one instance of a Celery bootstep, in place of the class's own.
-
-    Used for Celery's ``Tasks`` consumer step (its ``start`` and
-    ``qos_global``). Replacing the step by a subclass in the consumer
-    blueprint breaks the steps that require it by class (``Control``,
-    ``DelayedDelivery``, and any step of the project that names it).
-    """
-    for name, method in methods.items():
-        if not callable(getattr(type(step), name, None)):
-            raise AttributeError(f"{type(step).__name__} has no method {name!r} to override")
-        setattr(step, name, MethodType(method, step))
-
-
-def never_cancel(consumer: Any, instead: Callable[..., Any]) -> None:
-    """Make ``cancel`` and its alias ``close`` of one kombu consumer call ``instead``.
-
-    Celery's ``Tasks`` step cancels its consumer through these two names at
-    every stop and shutdown; kombu offers no option to keep a consumer.
-    """
-    consumer.cancel = consumer.close = instead
 
 
 def make_hub_ready_aware(hub: Any, hub_class: type) -> None:

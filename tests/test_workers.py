@@ -221,3 +221,20 @@ def test_one_worker_with_several_pool_processes_keeps_order_and_runs_partitions_
     assert overlapping > 0, "no two partitions ran at the same time"
     [stats] = (app.control.inspect(destination=workers.nodes, timeout=5).stats() or {}).values()
     assert stats["pool"]["max-concurrency"] == 3
+
+
+def test_the_cancel_consumer_command_does_not_stop_a_partition(app: Celery, start_workers: Any,
+                                                               results: redis.Redis) -> None:
+    """``celery control cancel_consumer`` of a partition queue is refused: it would hand the partition over."""
+    from ordered_tasks import queue_for
+
+    workers = start_workers(1)
+    run = uuid.uuid4().hex
+    replies = app.control.cancel_consumer(queue_for("cancelled"), destination=workers.nodes, reply=True,
+                                          timeout=5)
+    assert replies, "the worker did not answer the remote control command"
+    task = app.tasks[ORDERED]
+    for seq in range(1, 6):
+        task.delay(run=run, key="cancelled", seq=seq)
+    assert wait_done(results, run, 5, timeout=30) == 5
+    assert [int(s) for s in results.lrange(f"{run}:key:cancelled", 0, -1)] == [1, 2, 3, 4, 5]

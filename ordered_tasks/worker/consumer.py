@@ -9,9 +9,7 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.consumer import Consumer
-from celery.worker.consumer.tasks import Tasks
 
-from ..compat import never_cancel, override_step_methods
 from ..conf import get_settings
 from ..coordination import coordination_client
 from ..exceptions import ConfigurationError
@@ -19,6 +17,7 @@ from ..models import ParkedMessage
 from ..queues import partition_queue
 from ..routing import key_spec_for
 from .exclusivity.leases import LEASE_TICK, LeaseKeeper
+from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
 from .failures.unrunnable import hand_over
 from .health.figures import FIGURES
@@ -50,102 +49,6 @@ def _is_amqp(consumer: Any) -> bool:
     return connection is not None and connection.transport.driver_type == "amqp"
 
 
-def _never_cancel() -> None:
-    """``cancel`` (and its alias ``close``) of a RabbitMQ task consumer: nothing is cancelled.
-
-    Celery cancels the task consumer when it stops (a lost connection), at a
-    warm shutdown (``Tasks.shutdown`` calls kombu's ``close``, which is
-    ``cancel``) and at a cold shutdown, each time before the connection
-    closes. Cancelling makes RabbitMQ promote a standby consumer of the
-    single-active-consumer queue at once, while this worker still runs, or
-    holds unacknowledged, a message of the partition: the standby could run
-    later messages of the partition first. RabbitMQ 3.10 also fails to feed
-    the promoted consumer after a cancel, and the next message published to
-    the queue crashes the queue process, which loses the messages it held
-    and those published until it restarts. Without the cancel, the handover
-    happens when the connection closes: RabbitMQ puts the unacknowledged
-    messages back in their place, then promotes the standby.
-    """
-
-
-def _start_tasks_step(step: Tasks, c: Any) -> None:
-    """Start of Celery's ``Tasks`` step; on RabbitMQ, a prefetch limit of 1 per partition queue and no cancel.
-
-    Celery would allow concurrency times prefetch multiplier unacknowledged
-    messages per consumer; a worker with several pool processes would then
-    run two messages of one partition at once. The task consumer is never
-    cancelled (see :func:`_never_cancel`).
-    """
-    amqp = _is_amqp(c)
-    if amqp:
-        c.initial_prefetch_count = 1
-        consume_declarable_queues(c)
-    BOOK.new_tenure()  # a new connection: another worker may have had the partitions
-    FIGURES.new_tenure()
-    Tasks.start(step, c)
-    if amqp:
-        never_cancel(c.task_consumer, _never_cancel)
-
-
-#: Partition queues this process reported as declared without single active consumer.
-_REFUSED: set[str] = set()
-
-
-def consume_declarable_queues(c: Any) -> None:
-    """RabbitMQ: consume only the partition queues declared as ordered_tasks declares them.
-
-    A producer in another language that declares a partition queue first,
-    without ``x-single-active-consumer`` (celery-node declares with no
-    arguments), makes every declaration of ours fail with ``406
-    PRECONDITION_FAILED``, and Celery would restart the consumer over and
-    over, serving no partition at all. Such a queue is left alone (its
-    messages wait, in order) and reported once; the others are served. The
-    check runs at every (re)connection, so a queue fixed meanwhile is
-    consumed again.
-    """
-    app = c.app
-    partitions = ORDERED_APPS.get(app) or []
-    prefix = get_settings().queue_prefix
-    channel = c.connection.channel()
-    try:
-        for partition in partitions:
-            queue = partition_queue(prefix, partition)
-            try:
-                queue(channel).declare()
-            except c.connection.channel_errors as exc:
-                channel = c.connection.channel()  # the broker closed the other one
-                app.amqp.queues.deselect(queue.name)
-                if queue.name not in _REFUSED:
-                    _REFUSED.add(queue.name)
-                    logger.error(
-                        "Not consuming partition %d: its queue %s exists with other arguments than "
-                        "ordered_tasks declares (%r), probably declared by another producer without "
-                        "x-single-active-consumer. Its messages wait. Drain and delete the queue, "
-                        "and let only ordered_tasks declare it (see the partitioning page of the "
-                        "docs); this worker checks again when it reconnects.", partition, queue.name, exc)
-                continue
-            app.amqp.queues.select_add(queue)
-            if queue.name in _REFUSED:
-                _REFUSED.discard(queue.name)
-                logger.warning("Consuming partition %d again: its queue is declared as expected.", partition)
-    finally:
-        channel.close()
-
-
-def _per_consumer_qos(step: Tasks, c: Any) -> bool:
-    """Celery's choice of QoS scope, except per consumer (so per partition queue) on RabbitMQ.
-
-    Celery applies the prefetch limit of 1 to the whole channel: the broker
-    sends the next message only once the last one is acknowledged, so the
-    worker waits a round trip per task. Applied per consumer, each partition
-    queue has at most one unacknowledged message, which keeps every
-    partition's order (nothing of a partition is delivered behind a message
-    that may still be requeued), while the messages of other partitions are
-    already waiting when a task ends.
-    """
-    return False if _is_amqp(c) else Tasks.qos_global(step, c)
-
-
 class OrderedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer for partition queues.
 
@@ -158,18 +61,51 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         global _current
         super().__init__(*args, **kwargs)
         _current = weakref.ref(self)
-        for step in self.blueprint.steps.values():
-            if isinstance(step, Tasks):
-                override_step_methods(step, start=_start_tasks_step, qos_global=_per_consumer_qos)
+
+    def connect(self) -> Any:
+        """Connect for a new tenure of the partitions; on RabbitMQ, consume only declarable queues.
+
+        Called at every (re)connection, before Celery's ``Tasks`` step
+        starts the task consumer. Another worker may have had the
+        partitions meanwhile, so what this worker remembers of them is
+        stale. On RabbitMQ the channels of :mod:`.exclusivity.rabbitmq`
+        apply a prefetch limit of 1 per partition queue, which Celery
+        reports as the consumer's prefetch count.
+        """
+        connection = super().connect()
+        BOOK.new_tenure()
+        FIGURES.new_tenure()
+        if connection.transport.driver_type == "amqp":
+            self.initial_prefetch_count = 1
+            consume_declarable_queues(self.app, connection)
+        return connection
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
-        """The broker connection the consumer reads with, on ordered_tasks' transport for Redis.
+        """The broker connection the consumer reads with, on one of ordered_tasks' transports.
 
-        Its channels requeue at the head, and the task channel fetches
-        reliably once the ``Leases`` step turns it on.
+        On Redis its channels requeue at the head, and the task channel
+        fetches reliably once the ``Leases`` step turns it on; on RabbitMQ
+        they keep one unacknowledged message per partition queue and never
+        cancel a partition queue's consumer.
         """
         return self.ensure_connected(self.app.connection_for_read(
             heartbeat=heartbeat, transport=ordered_transport(self.app)))
+
+    def cancel_task_queue(self, queue: Any) -> None:
+        """The ``cancel_consumer`` remote control command: refused for a partition queue.
+
+        The partition's order depends on this worker consuming it until it
+        stops (on RabbitMQ a cancel would promote a standby while this worker
+        still holds a message; on Redis the lease decides). Stop the worker
+        instead, or start it for other partitions.
+        """
+        name = getattr(queue, "name", queue)
+        if isinstance(name, str) and get_settings().partition_of_queue(name) is not None:
+            logger.warning("Not cancelling the consumer of partition queue %s: an ordered worker consumes "
+                           "its partitions until it stops. Stop the worker, or run it for other "
+                           "partitions, instead.", name)
+            return
+        super().cancel_task_queue(queue)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)

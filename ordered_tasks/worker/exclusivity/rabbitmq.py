@@ -1,0 +1,128 @@
+"""RabbitMQ: one unacknowledged message per partition queue, never a cancel, odd queues left alone."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport import pyamqp
+
+from ...conf import get_settings
+from ...queues import partition_queue
+from ..launch.startup import ORDERED_APPS
+
+logger = logging.getLogger(__name__)
+
+
+class Channel(pyamqp.Channel):  # type: ignore[misc]
+    """Kombu's py-amqp channel with the prefetch limit of an ordered worker, and no cancel.
+
+    **One unacknowledged message per consumer.** Celery applies its
+    prefetch limit to the whole channel (``global``): the broker sends the
+    next message only once the last one is acknowledged, so the worker waits
+    a round trip per task; and with several pool processes Celery would
+    allow several messages of one partition at once. Here every
+    ``basic.qos`` sets a limit of 1 per consumer, that is per partition
+    queue: nothing of a partition is delivered behind a message that may
+    still be requeued, while the messages of other partitions already wait
+    when a task ends.
+
+    **A partition queue's consumer is never cancelled.** Celery cancels the
+    task consumer when it stops (a lost connection), at a warm shutdown and
+    at a cold shutdown, each time before the connection closes. Cancelling
+    makes RabbitMQ promote a standby consumer of the single-active-consumer
+    queue at once, while this worker still runs, or holds unacknowledged, a
+    message of the partition: the standby could run later messages of the
+    partition first. RabbitMQ 3.10 also fails to feed the promoted consumer
+    after a cancel, and the next message published to the queue crashes the
+    queue process, which loses the messages it held and those published
+    until it restarts. Without the cancel, the handover happens when the
+    connection closes: RabbitMQ puts the unacknowledged messages back in
+    their place, then promotes the standby. (The ``cancel_consumer``
+    remote control command is refused for partition queues by the consumer
+    itself, with a warning.)
+    """
+
+    #: Consumer tags of the partition queues this channel consumes, with the queue names.
+    _partition_consumers: dict[str, str]
+
+    def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, a_global: bool = False,
+                  *args: Any, **kwargs: Any) -> Any:
+        return super().basic_qos(0, 1, False)
+
+    def basic_consume(self, queue: str = "", consumer_tag: str = "", *args: Any, **kwargs: Any) -> Any:
+        tag = super().basic_consume(queue, consumer_tag, *args, **kwargs)
+        if get_settings().partition_of_queue(queue) is not None:
+            if not hasattr(self, "_partition_consumers"):
+                self._partition_consumers = {}
+            self._partition_consumers[tag] = queue
+        return tag
+
+    def basic_cancel(self, consumer_tag: str, *args: Any, **kwargs: Any) -> Any:
+        queue = getattr(self, "_partition_consumers", {}).get(consumer_tag)
+        if queue is None:
+            return super().basic_cancel(consumer_tag, *args, **kwargs)
+        logger.debug("Not cancelling the consumer of %s: it ends with the connection.", queue)
+        return None
+
+
+class Connection(pyamqp.Connection):  # type: ignore[misc]
+    """Kombu's py-amqp connection, with the channels of an ordered worker."""
+
+    Channel = Channel
+
+
+class Transport(pyamqp.Transport):  # type: ignore[misc]
+    """Kombu's py-amqp transport, with the channels of an ordered worker."""
+
+    Connection = Connection
+
+
+class SSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
+    """Kombu's py-amqp transport over TLS (``amqps://``), with the channels of an ordered worker."""
+
+    Connection = Connection
+
+
+#: Partition queues this process reported as declared without single active consumer.
+_REFUSED: set[str] = set()
+
+
+def consume_declarable_queues(app: Any, connection: Any) -> None:
+    """Consume only the partition queues declared as ordered_tasks declares them.
+
+    A producer in another language that declares a partition queue first,
+    without ``x-single-active-consumer`` (celery-node declares with no
+    arguments), makes every declaration of ours fail with ``406
+    PRECONDITION_FAILED``, and Celery would restart the consumer over and
+    over, serving no partition at all. Such a queue is left alone (its
+    messages wait, in order) and reported once; the others are served. The
+    check runs at every (re)connection, so a queue fixed meanwhile is
+    consumed again.
+    """
+    partitions = ORDERED_APPS.get(app) or []
+    prefix = get_settings().queue_prefix
+    channel = connection.channel()
+    try:
+        for partition in partitions:
+            queue = partition_queue(prefix, partition)
+            try:
+                queue(channel).declare()
+            except connection.channel_errors as exc:
+                channel = connection.channel()  # the broker closed the other one
+                app.amqp.queues.deselect(queue.name)
+                if queue.name not in _REFUSED:
+                    _REFUSED.add(queue.name)
+                    logger.error(
+                        "Not consuming partition %d: its queue %s exists with other arguments than "
+                        "ordered_tasks declares (%r), probably declared by another producer without "
+                        "x-single-active-consumer. Its messages wait. Drain and delete the queue, "
+                        "and let only ordered_tasks declare it (see the partitioning page of the "
+                        "docs); this worker checks again when it reconnects.", partition, queue.name, exc)
+                continue
+            app.amqp.queues.select_add(queue)
+            if queue.name in _REFUSED:
+                _REFUSED.discard(queue.name)
+                logger.warning("Consuming partition %d again: its queue is declared as expected.", partition)
+    finally:
+        channel.close()

@@ -1,0 +1,121 @@
+"""The RabbitMQ channel of ordered workers: one unacknowledged message per partition queue, no cancel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from tests.services import BROKERS, require
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def rabbitmq() -> str:
+    url = BROKERS["rabbitmq"]
+    require(url, 5672, "rabbitmq")
+    return url
+
+
+def partition_queues(count: int) -> list[Queue]:
+    """Queues named like partition queues of the test settings (so the channel treats them as such)."""
+    from ordered_tasks.conf import get_settings
+
+    prefix = get_settings().queue_prefix
+    exchange = Exchange(f"rmq-{uuid.uuid4().hex[:6]}", "direct", auto_delete=True)
+    return [Queue(f"{prefix}.{p}", exchange, routing_key=f"k{p}", durable=True,
+                  queue_arguments={"x-single-active-consumer": True}) for p in range(count)]
+
+
+@pytest.fixture
+def ordered_connection(rabbitmq: str) -> Iterator[Any]:
+    from ordered_tasks.worker.exclusivity.rabbitmq import Transport
+
+    with Connection(rabbitmq, transport=Transport) as connection:
+        yield connection
+
+
+def _drain(connection: Any, seconds: float = 0.5) -> None:
+    try:
+        while True:
+            connection.drain_events(timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+def test_celerys_global_prefetch_of_one_becomes_one_per_partition_queue(
+        rabbitmq: str, ordered_connection: Any) -> None:
+    channel = ordered_connection.channel()
+    queues = [q(channel) for q in partition_queues(2)]
+    for queue in queues:
+        queue.declare()
+        queue.purge()
+    try:
+        producer = Producer(channel)
+        for queue in queues:
+            for n in range(3):
+                producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.routing_key,
+                                 declare=[queue])
+        held: list[Any] = []
+        consumer = Consumer(channel, queues, callbacks=[lambda body, message: held.append(message)],
+                            accept=["json"])
+        channel.basic_qos(0, 1, True)  # what Celery's Tasks step asks for: 1 for the whole channel
+        consumer.consume()
+        _drain(ordered_connection)
+        # Per channel, one message in all; per consumer, one of each partition queue.
+        assert sorted(m.delivery_info["routing_key"] for m in held) == ["k0", "k1"]
+        held[0].ack()
+        _drain(ordered_connection)
+        assert len(held) == 3  # the acknowledged queue's next message, nothing more
+    finally:
+        channel.close()
+        with Connection(rabbitmq) as cleaner:
+            for queue in queues:
+                queue(cleaner.default_channel).purge()
+
+
+def test_a_partition_queues_consumer_is_not_cancelled_until_the_connection_closes(
+        rabbitmq: str, ordered_connection: Any) -> None:
+    channel = ordered_connection.channel()
+    [queue] = [q(channel) for q in partition_queues(1)]
+    queue.declare()
+    try:
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: None], accept=["json"])
+        consumer.consume()
+        consumer.cancel()  # as Celery's Tasks step does at every stop and shutdown
+        with Connection(rabbitmq) as observer:
+            assert observer.default_channel.queue_declare(queue.name, passive=True).consumer_count == 1
+        other = Queue(f"plain-{uuid.uuid4().hex[:6]}")(channel)
+        other.declare()
+        plain = Consumer(channel, [other], callbacks=[lambda body, message: None], accept=["json"])
+        plain.consume()
+        plain.cancel()  # other queues are cancelled as kombu does
+        with Connection(rabbitmq) as observer:
+            assert observer.default_channel.queue_declare(other.name, passive=True).consumer_count == 0
+        other.delete()
+    finally:
+        channel.close()
+    with Connection(rabbitmq) as observer:  # the consumer ends with its channel
+        assert observer.default_channel.queue_declare(queue.name, passive=True).consumer_count == 0
+        observer.default_channel.queue_delete(queue.name)
+
+
+def test_the_worker_consumes_with_ordered_tasks_transports() -> None:
+    from celery import Celery
+
+    from ordered_tasks.worker.transport.transport import ordered_transport
+
+    def chosen(url: str) -> str | None:
+        return ordered_transport(Celery("t", broker=url, set_as_current=False))
+
+    assert chosen("redis://127.0.0.1:6379/0") == "ordered_tasks.worker.transport.transport:RedisTransport"
+    assert chosen("rediss://127.0.0.1:6380/0") == "ordered_tasks.worker.transport.transport:RedisTransport"
+    assert chosen("sentinel://127.0.0.1:26379") == "ordered_tasks.worker.transport.transport:SentinelTransport"
+    assert chosen("amqp://guest@127.0.0.1//") == "ordered_tasks.worker.exclusivity.rabbitmq:Transport"
+    assert chosen("pyamqp://guest@127.0.0.1//") == "ordered_tasks.worker.exclusivity.rabbitmq:Transport"
+    assert chosen("amqps://guest@127.0.0.1//") == "ordered_tasks.worker.exclusivity.rabbitmq:SSLTransport"
+    assert chosen("memory://") is None
