@@ -29,7 +29,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that restart a shared broker run last: they leave stale pooled connections behind."""
+    """Mark each test with its tier; tests that restart a shared broker run last.
+
+    Tiers: unit (no marker: no service needed), ``integration`` (real
+    brokers, Redis or PostgreSQL), ``e2e`` (ordered worker processes, so
+    also ``integration``), ``browser`` (Chromium, also ``e2e``). A test
+    that uses ``start_workers`` is ``e2e`` without saying so. Tests that
+    restart a broker leave stale pooled connections behind.
+    """
+    for item in items:
+        if "start_workers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.get_closest_marker("restarts_broker") is not None)
 
 

@@ -18,9 +18,9 @@ from celery import Celery
 
 from tests.conftest import Workers, make_app, purge_all, wait_done
 from tests.services import BROKERS, in_ci, require
-from tests.test_workers import assert_in_order, assert_partitions_never_overlap, publish_interleaved
+from tests.support.workload import assert_in_order, assert_partitions_never_overlap, publish_interleaved
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("shared_db")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("shared_db")]
 
 
 def _free_port() -> int:

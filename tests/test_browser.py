@@ -17,10 +17,9 @@ from ordered_tasks import partition_for
 from ordered_tasks.models import PartitionStatus
 from tests.conftest import eventually
 from tests.services import in_ci
-from tests.test_failures import parked, publish, status
-from tests.test_guard import fail, ran
+from tests.support.workload import fail, parked, publish, ran, status
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")

@@ -18,9 +18,9 @@ from ordered_tasks import partition_for
 from ordered_tasks.conf import get_settings
 from ordered_tasks.queues import partition_queue
 from tests.conftest import Workers, eventually, unacknowledged_queues, wait_done
-from tests.test_workers import assert_in_order, assert_partitions_never_overlap, publish_interleaved
+from tests.support.workload import assert_in_order, assert_partitions_never_overlap, publish_interleaved
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def worker_processes(workers: Workers) -> list[int]:

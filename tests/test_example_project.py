@@ -12,7 +12,7 @@ import pytest
 
 from tests.services import REDIS_URL, require
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
 

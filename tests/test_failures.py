@@ -20,26 +20,9 @@ from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.queues import partition_queue
 from ordered_tasks.worker.exclusivity.leases import LeaseKeeper
 from tests.conftest import eventually, wait_done
-from tests.test_guard import fail, ran, same_partition_keys
+from tests.support.workload import T, fail, parked, publish, ran, same_partition_keys, status
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_db")]
-T = "tests.testapp.tasks."
-
-
-def publish(app: Celery, name: str, run: str, *pairs: tuple[str, int]) -> None:
-    task = app.tasks[T + name]
-    with app.producer_or_acquire() as producer:
-        for key, seq in pairs:
-            task.apply_async(kwargs={"run": run, "key": key, "seq": seq}, producer=producer)
-
-
-def status(key: str) -> str | None:
-    return AccountState.objects.filter(key=key).values_list("status", flat=True).first()
-
-
-def parked(key: str) -> list[tuple[str, str]]:
-    rows = ParkedMessage.objects.filter(key=key).order_by("position")
-    return [(r.reason, r.state) for r in rows]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.queues import partition_queue
 from tests.conftest import eventually, wait_done
-from tests.test_guard import fail, ran
+from tests.support.workload import fail, ran
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_db")]
 T = "tests.testapp.tasks."

@@ -27,6 +27,7 @@ from ordered_tasks.worker.exclusivity.fencing import DEADLINES, FENCE
 from ordered_tasks.worker.failures.book import BOOK
 from ordered_tasks.worker.failures.control import apply_control, wake
 from tests.conftest import eventually
+from tests.support.workload import fail, ran, same_partition_keys
 from tests.testapp.celery import app as celery_app
 
 pytestmark = pytest.mark.django_db
@@ -68,27 +69,6 @@ def deliver(app: Celery, name: str, key: str, seq: int, run: str, retries: int =
     }
     _, info, _, _ = trace_task(task, task_id, [], kwargs, request, app=app)
     return info
-
-
-def fail(results: redis.Redis, run: str, key: str, seq: int, times: int = -1) -> None:
-    results.set(f"{run}:fail:{key}:{seq}", times)
-
-
-def ran(results: redis.Redis, run: str, key: str) -> list[int]:
-    return [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)]
-
-
-def same_partition_keys(count: int) -> list[str]:
-    """``count`` keys that hash to the same partition."""
-    first = f"acct-{uuid.uuid4().hex[:8]}"
-    keys = [first]
-    n = 0
-    while len(keys) < count:
-        n += 1
-        candidate = f"{first}-{n}"
-        if partition_for(candidate) == partition_for(first):
-            keys.append(candidate)
-    return keys
 
 
 def test_happy_path_costs_no_query(app: Celery, run: str, results: redis.Redis,

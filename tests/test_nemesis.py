@@ -18,7 +18,7 @@ from celery import Celery
 from tests.nemesis.runner import plan, run
 from tests.services import in_ci
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 #: The seed of CI runs, where a red run must mean a regression: random seeds explore in the

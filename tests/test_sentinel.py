@@ -83,6 +83,7 @@ def test_the_master_behind_a_sentinel_url_is_the_coordination_redis(sentinel_url
         assert all(f.depth is not None for f in figures.values())  # asked of Redis, not of AMQP
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.usefixtures("shared_db")
 def test_ordered_workers_on_a_sentinel_broker_keep_order_and_fetch_reliably(

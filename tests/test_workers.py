@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -19,54 +17,14 @@ from celery import Celery
 
 from ordered_tasks import partition_for
 from tests.conftest import queue_depths, unacknowledged_queues, wait_done
+from tests.support.workload import (
+    ORDERED,
+    assert_in_order,
+    assert_partitions_never_overlap,
+    publish_interleaved,
+)
 
-pytestmark = pytest.mark.integration
-ORDERED = "tests.testapp.tasks.ordered_record"
-
-
-def publish_interleaved(app: Celery, run: str, keys: int, per_key: int, seed: int = 1,
-                        slow: float = 0.0) -> int:
-    """Publish ``per_key`` tasks for each of ``keys`` keys, randomly interleaved, in order per key."""
-    rng = random.Random(seed)
-    next_seq = dict.fromkeys(range(keys), 0)
-    task = app.tasks[ORDERED]
-    total = keys * per_key
-    with app.producer_or_acquire() as producer:
-        for _ in range(total):
-            key = rng.choice([k for k, n in next_seq.items() if n < per_key])
-            next_seq[key] += 1
-            sleep = slow if rng.random() < 0.05 else 0.0
-            if key % 7 == 0:  # some arrive by name, as from another service
-                kwargs = {"run": run, "key": f"k{key}", "seq": next_seq[key], "sleep": sleep}
-                app.send_task("events.external_record", kwargs=kwargs, producer=producer)
-            else:
-                task.apply_async(kwargs={"run": run, "key": f"k{key}", "seq": next_seq[key], "sleep": sleep},
-                                 producer=producer)
-    return total
-
-
-def assert_in_order(results: redis.Redis, run: str, keys: int, per_key: int, redelivered: int = 0) -> None:
-    """Every key ran 1..per_key in order; at most ``redelivered`` tasks ran twice in a row."""
-    repeats = 0
-    for key in range(keys):
-        seqs = [int(s) for s in results.lrange(f"{run}:key:k{key}", 0, -1)]
-        collapsed = [s for i, s in enumerate(seqs) if i == 0 or s != seqs[i - 1]]
-        repeats += len(seqs) - len(collapsed)
-        assert collapsed == list(range(1, per_key + 1)), f"key k{key} ran as {seqs}"
-    assert repeats <= redelivered, f"{repeats} tasks ran twice"
-
-
-def assert_partitions_never_overlap(results: redis.Redis, run: str) -> None:
-    spans: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
-    for entry in results.lrange(f"{run}:spans", 0, -1):
-        key, seq, start, end, _pid = entry.split("|")
-        spans[partition_for(key)].append((float(start), float(end), f"{key}#{seq}"))
-    for partition, items in spans.items():
-        items.sort()
-        for (_, end, a), (start, _, b) in itertools.pairwise(items):
-            assert start >= end, f"partition {partition}: {b} started before {a} ended"
-
-
+pytestmark = pytest.mark.e2e
 def test_thousands_of_interleaved_tasks_keep_per_key_order(app: Celery, start_workers: Any,
                                                            results: redis.Redis) -> None:
     run = uuid.uuid4().hex
