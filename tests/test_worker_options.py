@@ -147,20 +147,20 @@ def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
     from celery import Celery
 
     from ordered_tasks import queue_for
-    from ordered_tasks.worker.launch.startup import ORDERED_APPS, ORDERED_CONCURRENCY, RefuseUnsafeConsumers
+    from ordered_tasks.worker.launch.startup import ORDERED_WORKERS, OrderedWorker, RefuseUnsafeConsumers
 
     app = Celery("refuse-concurrency", set_as_current=False)
     app.amqp.queues.select_add(queue_for("k"))
-    ORDERED_APPS[app] = [0]
+    ORDERED_WORKERS[app] = OrderedWorker([0])
     app.conf.worker_prefetch_multiplier = 1
     RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
     with pytest.raises(UnsafeWorkerOptionError, match="concurrency 4"):
         RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
-    ORDERED_CONCURRENCY[app] = 4  # ordered_worker --concurrency 4
+    ORDERED_WORKERS[app].concurrency = 4  # ordered_worker --concurrency 4
     RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
     with pytest.raises(UnsafeWorkerOptionError, match="concurrency 1"):
         RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
-    del ORDERED_CONCURRENCY[app]
+    ORDERED_WORKERS[app].concurrency = 1
     app.conf.worker_prefetch_multiplier = 4
     with pytest.raises(UnsafeWorkerOptionError, match="prefetch multiplier 4"):
         RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
@@ -172,15 +172,15 @@ def test_a_plain_worker_of_a_project_with_ordered_tasks_says_they_will_wait(
 
     from celery import Celery
 
-    from ordered_tasks.worker.launch.startup import ORDERED_APPS, RefuseUnsafeConsumers
+    from ordered_tasks.worker.launch.startup import ORDERED_WORKERS, OrderedWorker, RefuseUnsafeConsumers
 
     app = Celery("plain-habit", set_as_current=False)  # gets the project's shared and ordered tasks
     app.conf.task_queues = ()
     app.finalize(auto=True)
-    ORDERED_APPS[app] = [0]  # an ordered worker with nothing to consume yet says nothing
+    ORDERED_WORKERS[app] = OrderedWorker([0])  # an ordered worker with nothing to consume yet says nothing
     RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=1))
     assert "consumes no partition queue" not in caplog.text
-    del ORDERED_APPS[app]
+    del ORDERED_WORKERS[app]
     RefuseUnsafeConsumers(SimpleNamespace(app=app, concurrency=4))
     assert "consumes no partition queue" in caplog.text
     assert "events.external_record" in caplog.text and "ordered_worker" in caplog.text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any
 
 from celery import bootsteps, signals
@@ -21,27 +20,12 @@ from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
 from .failures.unrunnable import hand_over
 from .health.figures import FIGURES
-from .launch.startup import ORDERED_APPS
+from .launch.startup import ordered_worker
 from .transport.fetch import start_fetching_reliably
 from .transport.transport import ordered_transport
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)
-_current: weakref.ref[OrderedConsumer] | None = None
-
-
-_keeper: LeaseKeeper | None = None
-
-
-def current_keeper() -> LeaseKeeper | None:
-    """The lease keeper of this worker (Redis broker only), or None."""
-    return _keeper
-
-
-def current_pool() -> Any:
-    """The pool of this worker's consumer, or None outside an ordered worker."""
-    consumer = _current() if _current is not None else None
-    return consumer.pool if consumer is not None else None
 
 
 def _is_amqp(consumer: Any) -> bool:
@@ -57,10 +41,14 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
     its running task is acknowledged.
     """
 
+    #: The lease keeper of this worker (Redis broker only; made by the ``Leases`` step).
+    keeper: LeaseKeeper | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        global _current
         super().__init__(*args, **kwargs)
-        _current = weakref.ref(self)
+        setup = ordered_worker(self.app)
+        if setup is not None:
+            setup.consumer = self  # how requests and the figures find the worker's state
 
     def connect(self) -> Any:
         """Connect for a new tenure of the partitions; on RabbitMQ, consume only declarable queues.
@@ -134,24 +122,24 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         task = self.app.tasks.get(name)
         if task is None or key_spec_for(self.app, name, task) is not None:
             return False
-        return hand_over(self.pool, message, Reason.INVALID,
+        return hand_over(self, message, Reason.INVALID,
                          f"{name} is not an ordered task: declare its key with @ordered_task or "
                          "ORDERED_TASKS['ROUTES'], or send it to a queue that is not a partition's.")
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if not hand_over(self.pool, message, Reason.UNKNOWN_TASK, f"No task named {exc} is registered."):
+        if not hand_over(self, message, Reason.UNKNOWN_TASK, f"No task named {exc} is registered."):
             super().on_unknown_task(body, message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if not hand_over(self.pool, message, Reason.INVALID, "Not a Celery task message."):
+        if not hand_over(self, message, Reason.INVALID, "Not a Celery task message."):
             super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if not hand_over(self.pool, message, Reason.INVALID, repr(exc)):
+        if not hand_over(self, message, Reason.INVALID, repr(exc)):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        if not hand_over(self.pool, message, Reason.UNDECODABLE, repr(exc)):
+        if not hand_over(self, message, Reason.UNDECODABLE, repr(exc)):
             super().on_decode_error(message, exc)
 
 
@@ -173,16 +161,17 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         self.wake: Any = None
 
     def start(self, c: Any) -> None:
-        global _keeper
-        partitions = ORDERED_APPS.get(c.app)
-        if partitions is None or c.connection.transport.driver_type != "redis":
+        setup = ordered_worker(c.app)
+        if setup is None or c.connection.transport.driver_type != "redis":
             return
+        partitions = setup.partitions
         conf = get_settings()
-        if _keeper is None:
+        keeper = c.keeper
+        if keeper is None:
             client = coordination_client(c.app)
             if client is None:  # a Redis broker always gives one
                 raise ConfigurationError("ordered workers on Redis need a coordination Redis")
-            keeper = _keeper = LeaseKeeper(client, conf.queue_prefix, partitions)
+            keeper = c.keeper = LeaseKeeper(client, conf.queue_prefix, partitions)
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
         self.wake = start_fetching_reliably(c.task_consumer.channel, c.timer)
         # The reliable fetch takes at most one message per partition queue;
@@ -191,15 +180,15 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         c.qos.update()
         for partition in partitions:  # nothing until the leases say so, also after a reconnect
             c.task_consumer.cancel_by_queue(partition_queue(conf.queue_prefix, partition).name)
-        _keeper.consuming.clear()
-        _keeper.acquiring = True
-        _keeper.start()
-        _keeper.apply(c)
-        self.tref = c.timer.call_repeatedly(LEASE_TICK / 2, _keeper.apply, (c,), priority=10)
+        keeper.consuming.clear()
+        keeper.acquiring = True
+        keeper.start()
+        keeper.apply(c)
+        self.tref = c.timer.call_repeatedly(LEASE_TICK / 2, keeper.apply, (c,), priority=10)
 
     def stop(self, c: Any) -> None:
-        if _keeper is not None:
-            _keeper.stop_acquiring()
+        if c.keeper is not None:
+            c.keeper.stop_acquiring()
         for tref in (self.tref, self.wake):
             if tref is not None:
                 tref.cancel()

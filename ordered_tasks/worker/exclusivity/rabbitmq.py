@@ -9,7 +9,7 @@ from kombu.transport import pyamqp
 
 from ...conf import get_settings
 from ...queues import partition_queue
-from ..launch.startup import ORDERED_APPS
+from ..launch.startup import ordered_worker
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def consume_declarable_queues(app: Any, connection: Any) -> None:
     check runs at every (re)connection, so a queue fixed meanwhile is
     consumed again.
     """
-    partitions = ORDERED_APPS.get(app) or []
+    setup = ordered_worker(app)
+    partitions = setup.partitions if setup is not None else []
     prefix = get_settings().queue_prefix
     channel = connection.channel()
     try:

@@ -13,9 +13,9 @@ from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from ...models import ParkedMessage
-from ..consumer import current_keeper, current_pool
 from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
 from ..health.figures import FIGURES
+from ..launch.startup import ordered_worker
 from .book import BOOK
 from .unrunnable import hand_over
 
@@ -44,7 +44,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
         entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
         partition = delivered_partition(entries)
         BOOK.arrived(partition)
-        keeper = current_keeper()
+        setup = ordered_worker(self.app)
+        keeper = setup.keeper if setup is not None else None
         if keeper is not None:
             entries[FENCE_ENTRY] = keeper.fence_of(partition)
 
@@ -65,8 +66,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
             super().reject(requeue)
 
     def _park(self, reason: str, error: str) -> bool:
-        pool = current_pool()
-        if pool is None or self._parking:
+        setup = ordered_worker(self.app)
+        if setup is None or setup.pool is None or self._parking:
             return self._parking
 
         def parked() -> None:
@@ -78,7 +79,7 @@ class OrderedRequest(Request):  # type: ignore[misc]
             self.reject(requeue=True)
 
         message = self._message  # type: ignore[attr-defined]
-        self._parking = hand_over(pool, message, reason, error, ack=parked, requeue=not_parked)
+        self._parking = hand_over(setup, message, reason, error, ack=parked, requeue=not_parked)
         return self._parking
 
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
@@ -92,7 +93,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
         the partition was delivered after it. After MAX_RERUNS deaths in a row
         it is parked instead.
         """
-        pool = current_pool()
+        setup = ordered_worker(self.app)
+        pool = setup.pool if setup is not None else None
         lost = _LOST.get(self.id, 0)
         if pool is None or lost >= MAX_RERUNS:
             _LOST.pop(self.id, None)

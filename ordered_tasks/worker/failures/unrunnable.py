@@ -23,9 +23,13 @@ def partition_of_message(message: Any) -> int | None:
     return queue_partition(getattr(message, "delivery_info", None))
 
 
-def hand_over(pool: Any, message: Any, reason: str, error: str,
+def hand_over(worker: Any, message: Any, reason: str, error: str,
               ack: Callable[[], Any] | None = None, requeue: Callable[[], Any] | None = None) -> bool:
-    """Have the pool process park ``message``; acknowledge it once parked.
+    """Have a pool process of ``worker`` park ``message``; acknowledge it once parked.
+
+    ``worker`` is the consumer, or what ``ordered_worker`` set up: it has the
+    ``pool`` and, on Redis, the lease ``keeper`` whose fencing token goes
+    with the write.
 
     Returns False (the caller carries on as Celery would) when the message did
     not come from a partition queue. Parking happens in the process that runs
@@ -52,11 +56,9 @@ def hand_over(pool: Any, message: Any, reason: str, error: str,
         else:
             message.reject(requeue=True)
 
-    from ..consumer import current_keeper
-
-    keeper = current_keeper()
+    keeper = worker.keeper
     fence = keeper.fence_of(partition) if keeper is not None else None
-    pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error, fence),
+    worker.pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error, fence),
                      callback=parked, error_callback=failed)
     return True
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ...health import FLUSH_INTERVAL, STALL_AFTER
 from ...options import KEY_HEADER, PUBLISHED_HEADER
@@ -235,14 +235,14 @@ def warn_about_stalls(figures: Figures, owned: set[int], broker_url: str, now: f
 
 
 def start_reporting(worker: str, broker_url: str = "",
-                    transport_options: dict[str, Any] | None = None) -> threading.Thread:
+                    transport_options: dict[str, Any] | None = None,
+                    keeper: Callable[[], Any] = lambda: None) -> threading.Thread:
     """Start the thread that writes this worker's figures every :data:`FLUSH_INTERVAL` seconds.
 
     Every :data:`STALL_CHECK` seconds it also looks for stalled partitions
-    (see :func:`warn_about_stalls`).
+    (see :func:`warn_about_stalls`). ``keeper`` returns the worker's lease
+    keeper (Redis), whose partitions are the ones it owns.
     """
-    from ..consumer import current_keeper
-
     FIGURES.worker = worker
 
     def run() -> None:
@@ -251,11 +251,11 @@ def start_reporting(worker: str, broker_url: str = "",
         checked = time.monotonic()
         while True:
             time.sleep(FLUSH_INTERVAL)
-            keeper = current_keeper()
+            leases = keeper()
             close_old_connections()
-            owned = set(keeper.consuming) if keeper is not None else set(FIGURES.seen)
+            owned = set(leases.consuming) if leases is not None else set(FIGURES.seen)
             try:
-                write(FIGURES, set(keeper.consuming) if keeper is not None else set())
+                write(FIGURES, set(leases.consuming) if leases is not None else set())
                 if broker_url and time.monotonic() - checked >= STALL_CHECK:
                     checked = time.monotonic()
                     warn_about_stalls(FIGURES, owned, broker_url, time.time(), transport_options)

@@ -47,11 +47,10 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     from ..redelivery.revokes import DurableRevokes
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
-    from .startup import ORDERED_APPS, ORDERED_CONCURRENCY
+    from .startup import ORDERED_WORKERS, OrderedWorker
 
     install(app)
-    ORDERED_APPS[app] = list(partitions)
-    ORDERED_CONCURRENCY[app] = concurrency
+    ORDERED_WORKERS[app] = OrderedWorker(list(partitions), concurrency)
     app.conf.worker_consumer = "ordered_tasks.worker.consumer:OrderedConsumer"
     conf = get_settings()
     app.conf.worker_prefetch_multiplier = 1
@@ -78,8 +77,9 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     def report(sender: Any = None, **_: object) -> None:
         from ..health.figures import start_reporting
 
+        setup = ORDERED_WORKERS[app]
         start_reporting(getattr(sender, "hostname", "") or "", app.conf.broker_url or "",
-                        dict(app.conf.broker_transport_options or {}))
+                        dict(app.conf.broker_transport_options or {}), keeper=lambda: setup.keeper)
 
     if concurrency == 1:
         signals.worker_init.connect(_first_come_first_served, weak=False)

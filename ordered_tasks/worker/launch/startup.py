@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -13,11 +14,39 @@ from ...exceptions import UnsafeWorkerOptionError
 
 logger = logging.getLogger(__name__)
 
-#: Celery apps configured by ``ordered_worker``, with their partitions
+
+
+@dataclass(eq=False)
+class OrderedWorker:
+    """A Celery app that ``ordered_worker`` made an ordered worker, and its consumer once it runs."""
+
+    #: The partitions this worker process serves.
+    partitions: list[int]
+    #: The pool size ``ordered_worker`` chose.
+    concurrency: int = 1
+    #: The worker's consumer (:class:`~ordered_tasks.worker.consumer.OrderedConsumer`), which
+    #: holds the worker's state: its pool and, on Redis, its lease keeper.
+    consumer: Any = None
+
+    @property
+    def pool(self) -> Any:
+        """The consumer's pool, or None before the consumer exists."""
+        return getattr(self.consumer, "pool", None)
+
+    @property
+    def keeper(self) -> Any:
+        """The consumer's lease keeper (Redis), or None."""
+        return getattr(self.consumer, "keeper", None)
+
+
+#: Celery apps configured by ``ordered_worker`` in this process
 #: (see :func:`~ordered_tasks.worker.launch.child.configure`).
-ORDERED_APPS: weakref.WeakKeyDictionary[Celery, list[int]] = weakref.WeakKeyDictionary()
-#: The pool size ``ordered_worker`` chose for each of those apps.
-ORDERED_CONCURRENCY: weakref.WeakKeyDictionary[Celery, int] = weakref.WeakKeyDictionary()
+ORDERED_WORKERS: weakref.WeakKeyDictionary[Celery, OrderedWorker] = weakref.WeakKeyDictionary()
+
+
+def ordered_worker(app: Any) -> OrderedWorker | None:
+    """What ``ordered_worker`` set up for ``app``, or None for an app it did not configure."""
+    return ORDERED_WORKERS.get(app) if app is not None else None
 
 
 def consumed_partition_queues(app: Celery) -> list[str]:
@@ -63,18 +92,19 @@ class RefuseUnsafeConsumers(bootsteps.Step):  # type: ignore[misc]
         app = worker.app
         ordered = consumed_partition_queues(app)
         if not ordered:
-            if app not in ORDERED_APPS:
+            if app not in ORDERED_WORKERS:
                 warn_if_ordered_tasks_wait(app)
             return
         shown = ", ".join(ordered[:4]) + (" ..." if len(ordered) > 4 else "")
-        if app not in ORDERED_APPS:
+        setup = ORDERED_WORKERS.get(app)
+        if setup is None:
             raise UnsafeWorkerOptionError(
                 f"This worker would consume the partition queues {shown} of ordered_tasks, "
                 "but it was not started by 'manage.py ordered_worker'. Remove them from -Q "
                 "and task_queues, and run 'python manage.py ordered_worker' for them."
             )
         prefetch = app.conf.worker_prefetch_multiplier
-        expected = ORDERED_CONCURRENCY.get(app, 1)
+        expected = setup.concurrency
         if worker.concurrency != expected or prefetch != 1:
             raise UnsafeWorkerOptionError(
                 f"An ordered worker must run with concurrency {expected} (ordered_worker "
