@@ -357,7 +357,7 @@ def test_retry_with_new_arguments_runs_the_new_ones_in_place(app: Celery, run: s
 
 def test_unanswered_writes_reach_redis_and_their_replies_are_read_together(
         results: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
-    from ordered_tasks.worker.transport import unanswered
+    from ordered_tasks.worker import unanswered
 
     key = f"unanswered-{uuid.uuid4().hex[:8]}"
     writer = unanswered.Unanswered(results.connection_pool, "a test")

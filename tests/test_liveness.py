@@ -29,7 +29,7 @@ def quick_health_checks(redis_broker: str) -> Iterator[redis.Redis]:
 def test_unanswered_writes_survive_a_health_check_after_a_quiet_spell(
         quick_health_checks: redis.Redis) -> None:
     """redis-py's PING must not read a reply that a write left unread (kombu's pools PING after 25 s)."""
-    from ordered_tasks.worker.transport.unanswered import Unanswered
+    from ordered_tasks.worker.unanswered import Unanswered
 
     key = f"quiet-{uuid.uuid4().hex[:8]}"
     writer = Unanswered(quick_health_checks.connection_pool, "a test")
@@ -55,7 +55,7 @@ def reliable_channel(redis_broker: str) -> Iterator[Any]:
 def test_an_acknowledgement_redis_refuses_is_sent_again_and_holds_its_partition_meanwhile(
         reliable_channel: Any, caplog: pytest.LogCaptureFixture) -> None:
     from ordered_tasks.worker.transport import fetch
-    from ordered_tasks.worker.transport.unanswered import Unanswered
+    from ordered_tasks.worker.unanswered import Unanswered
 
     channel = reliable_channel
     name = f"q-{uuid.uuid4().hex[:8]}"

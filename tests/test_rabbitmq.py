@@ -107,7 +107,7 @@ def test_a_partition_queues_consumer_is_not_cancelled_until_the_connection_close
 def test_the_worker_consumes_with_ordered_tasks_transports() -> None:
     from celery import Celery
 
-    from ordered_tasks.worker.transport.transport import ordered_transport
+    from ordered_tasks.worker.consumer import ordered_transport
 
     def chosen(url: str) -> str | None:
         return ordered_transport(Celery("t", broker=url, set_as_current=False))

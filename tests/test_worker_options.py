@@ -147,7 +147,8 @@ def test_an_ordered_worker_refuses_more_than_one_task_at_a_time() -> None:
     from celery import Celery
 
     from ordered_tasks import queue_for
-    from ordered_tasks.worker.launch.startup import ORDERED_WORKERS, OrderedWorker, RefuseUnsafeConsumers
+    from ordered_tasks.worker.launch.startup import RefuseUnsafeConsumers
+    from ordered_tasks.worker.setup import ORDERED_WORKERS, OrderedWorker
 
     app = Celery("refuse-concurrency", set_as_current=False)
     app.amqp.queues.select_add(queue_for("k"))
@@ -172,7 +173,8 @@ def test_a_plain_worker_of_a_project_with_ordered_tasks_says_they_will_wait(
 
     from celery import Celery
 
-    from ordered_tasks.worker.launch.startup import ORDERED_WORKERS, OrderedWorker, RefuseUnsafeConsumers
+    from ordered_tasks.worker.launch.startup import RefuseUnsafeConsumers
+    from ordered_tasks.worker.setup import ORDERED_WORKERS, OrderedWorker
 
     app = Celery("plain-habit", set_as_current=False)  # gets the project's shared and ordered tasks
     app.conf.task_queues = ()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import bootsteps, signals
+from celery import Celery, bootsteps, signals
 from celery.worker import state
 from celery.worker.consumer import Consumer
+from kombu.transport import pyamqp, resolve_transport
+from kombu.transport import redis as kombu_redis
+from kombu.utils.imports import symbol_by_name
 
 from ..conf import get_settings
 from ..coordination import coordination_client
@@ -15,14 +18,15 @@ from ..exceptions import ConfigurationError
 from ..models import ParkedMessage
 from ..queues import partition_queue
 from ..routing import key_spec_for
+from .exclusivity import rabbitmq
 from .exclusivity.leases import LEASE_TICK, LeaseKeeper
 from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
 from .failures.unrunnable import hand_over
 from .health.figures import FIGURES
-from .launch.startup import ordered_worker
+from .setup import ordered_worker
 from .transport.fetch import start_fetching_reliably
-from .transport.transport import ordered_transport
+from .transport.transport import RedisTransport, SentinelTransport
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)
@@ -31,6 +35,28 @@ logger = logging.getLogger(__name__)
 def _is_amqp(consumer: Any) -> bool:
     connection = getattr(consumer, "connection", None)
     return connection is not None and connection.transport.driver_type == "amqp"
+
+
+def ordered_transport(app: Celery) -> str | None:
+    """The transport an ordered worker of ``app`` consumes with (its dotted path), or None for kombu's own.
+
+    Chosen from the transport the app's broker URL names: kombu's Redis,
+    Sentinel and py-amqp transports each get ordered_tasks' subclass. A
+    path rather than the class, so that ``inspect stats`` can show it.
+    """
+    name: Any = app.connection_for_read().transport_cls
+    cls: type = name if isinstance(name, type) else symbol_by_name(resolve_transport(name) or name)
+    if issubclass(cls, (RedisTransport, SentinelTransport, rabbitmq.Transport, rabbitmq.SSLTransport)):
+        return f"{cls.__module__}:{cls.__qualname__}"
+    if issubclass(cls, pyamqp.SSLTransport):
+        return f"{rabbitmq.__name__}:SSLTransport"
+    if issubclass(cls, pyamqp.Transport):
+        return f"{rabbitmq.__name__}:Transport"
+    if issubclass(cls, kombu_redis.SentinelTransport):
+        return f"{SentinelTransport.__module__}:SentinelTransport"
+    if issubclass(cls, kombu_redis.Transport):
+        return f"{RedisTransport.__module__}:RedisTransport"
+    return None
 
 
 class OrderedConsumer(Consumer):  # type: ignore[misc]
@@ -171,7 +197,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
             client = coordination_client(c.app)
             if client is None:  # a Redis broker always gives one
                 raise ConfigurationError("ordered workers on Redis need a coordination Redis")
-            keeper = c.keeper = LeaseKeeper(client, conf.queue_prefix, partitions)
+            keeper = c.keeper = LeaseKeeper(client, conf.queue_prefix, partitions, on_tenure=BOOK.new_tenure)
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
         self.wake = start_fetching_reliably(c.task_consumer.channel, c.timer)
         # The reliable fetch takes at most one message per partition queue;

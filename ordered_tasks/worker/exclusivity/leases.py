@@ -8,14 +8,13 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from kombu.utils.json import loads
 
 from ...partitioning import queue_name
 from ...queues import partition_queue
-from ..failures.book import BOOK
 from .fencing import DEADLINES
 
 logger = logging.getLogger(__name__)
@@ -53,8 +52,12 @@ class LeaseKeeper:
     died runs first.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, partitions: list[int]) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, partitions: list[int],
+                 on_tenure: Callable[[list[int]], Any] = lambda partitions: None) -> None:
         self.client = client
+        #: Called with the partition each time this worker starts consuming one it got (back):
+        #: another worker may have changed its key states meanwhile.
+        self.on_tenure = on_tenure
         self.prefix = prefix
         self.partitions = list(partitions)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -133,7 +136,7 @@ class LeaseKeeper:
             # delivered but not run, or run but with the acknowledgement lost with the
             # connection. The completion ledger recognises the ones that already ran.
             restored = restore_to_head(task_consumer.channel, queue.name)
-            BOOK.new_tenure([partition])  # another worker may have changed its key states
+            self.on_tenure([partition])
             if not task_consumer.consuming_from(queue.name):
                 task_consumer.add_queue(queue)
                 task_consumer.consume()

@@ -9,7 +9,7 @@ from kombu.transport import pyamqp
 
 from ...conf import get_settings
 from ...queues import partition_queue
-from ..launch.startup import ordered_worker
+from ..setup import ordered_worker
 
 logger = logging.getLogger(__name__)
 

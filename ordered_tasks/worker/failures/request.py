@@ -15,7 +15,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from ...models import ParkedMessage
 from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
 from ..health.figures import FIGURES
-from ..launch.startup import ordered_worker
+from ..setup import ordered_worker
 from .book import BOOK
 from .unrunnable import hand_over
 

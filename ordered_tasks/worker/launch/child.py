@@ -45,9 +45,9 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     from ..exclusivity.fencing import DEADLINES
     from ..failures.book import BOOK, Versions
     from ..redelivery.revokes import DurableRevokes
+    from ..setup import ORDERED_WORKERS, OrderedWorker
     from .hub import ReadyAwareHubStep
     from .platform import die_with_parent
-    from .startup import ORDERED_WORKERS, OrderedWorker
 
     install(app)
     ORDERED_WORKERS[app] = OrderedWorker(list(partitions), concurrency)

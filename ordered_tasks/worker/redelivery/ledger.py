@@ -11,7 +11,7 @@ import redis
 from ...conf import get_settings
 from ...coordination import coordination_client
 from ...partitioning import queue_name
-from ..transport.unanswered import Unanswered
+from ..unanswered import Unanswered
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
 
+from ..unanswered import Unanswered
 from .qos import HeadQoS
-from .unanswered import Unanswered
 
 logger = logging.getLogger(__name__)
 
