@@ -28,6 +28,8 @@ class Private(NamedTuple):
     name: str
     #: The parameters a method must accept (after ``self``); None for an attribute.
     parameters: tuple[str, ...] | None = None
+    #: The first release of the owner's package that has the name, if later than the oldest supported.
+    since: tuple[int, int] | None = None
 
 
 PRIVATE_NAMES: tuple[Private, ...] = (
@@ -47,7 +49,7 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     Private("kombu.transport.redis:Channel", "_queue_cycle"),
     Private("kombu.transport.redis:Channel", "_q_for_pri", ("queue", "pri")),
     Private("kombu.transport.redis:Channel", "_in_poll"),
-    Private("kombu.transport.redis:Channel", "_brpop_sent_at"),
+    Private("kombu.transport.redis:Channel", "_brpop_sent_at", since=(5, 7)),  # kombu's stuck-fetch watch
     Private("kombu.transport.virtual.base:QoS", "_delivered"),
     Private("kombu.transport.virtual.base:QoS", "_dirty"),
     # The event loop that does not sleep past ready callbacks (ordered_tasks.worker.launch.hub).

@@ -8,7 +8,7 @@ from celery import Celery
 
 from .compat import active_apps, on_app_finalize
 from .publish import PublishGuard
-from .routing import route_task
+from .routing import AppRouter, route_task
 
 ROUTER_PATH = "ordered_tasks.routing.route_task"
 #: The worker start-up step, named so that a process that only publishes never loads the worker.
@@ -27,15 +27,19 @@ def _routes_of(app: Celery) -> tuple[Any, ...]:
 def install(app: Celery) -> Celery:
     """Make ``app`` route ordered tasks to partition queues (idempotent).
 
-    Puts :func:`~ordered_tasks.routing.route_task` first in ``task_routes``,
-    guards ``send_task_message``, and adds a worker start-up check that
+    Puts :func:`~ordered_tasks.routing.route_task`, bound to ``app``
+    (:class:`~ordered_tasks.routing.AppRouter`), first in ``task_routes``
+    (in place of the function or its dotted path if you listed it), guards
+    ``send_task_message``, and adds a worker start-up check that
     refuses to consume partition queues outside ``ordered_worker``. ordered_tasks calls this for every
     Celery app when Django loads the app registry; call it yourself for a
     Celery app created later.
     """
     routes = _routes_of(app)
-    if not any(r is route_task or r == ROUTER_PATH for r in routes):
-        app.conf.task_routes = (route_task, *routes)
+    if not (routes and isinstance(routes[0], AppRouter) and routes[0].app is app):
+        ours = (route_task, ROUTER_PATH)
+        others = tuple(r for r in routes if not (r in ours or isinstance(r, AppRouter)))
+        app.conf.task_routes = (AppRouter(app), *others)
         amqp = app.amqp
         amqp.flush_routes()
         amqp.__dict__.pop("router", None)

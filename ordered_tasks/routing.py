@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping, Sequence
 
 from celery import Celery
@@ -45,3 +46,31 @@ def route_task(name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] 
         return None  # OrderedTask.apply_async chose the queue; the publish guard checks it.
     check_publish_options(name, options)
     return {"queue": queue_of_key(spec.canonical(args, kwargs)).queue}
+
+
+class AppRouter:
+    """:func:`route_task` bound to one app: a task sent by name is looked up in the app's registry.
+
+    Celery 5.7 hands routers the registered task of a ``send_task``;
+    earlier versions hand them None, and a locally registered ordered task
+    sent by name would go to the default queue, unordered.
+    :func:`~ordered_tasks.install` puts one first in ``task_routes``.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self._app = weakref.ref(app)
+
+    @property
+    def app(self) -> Celery | None:
+        """The app this router serves (None once it is gone)."""
+        return self._app()
+
+    def __call__(self, name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None,
+                 options: Mapping[str, Any], task: Any = None, **kw: Any) -> dict[str, Any] | None:
+        app = self._app()
+        if task is None and app is not None:
+            task = task_registry(app).get(name)
+        return route_task(name, args, kwargs, options, task=task, **kw)
+
+    def __repr__(self) -> str:
+        return f"<ordered_tasks router of {self._app()!r}>"

@@ -265,3 +265,31 @@ def test_ordered_publishes_on_redis_reuse_one_client_object(app: Celery) -> None
     messages = assert_only_in_partition_of(app, "acct-9", count=20)
     assert [m.payload[1]["seq"] for m in messages] == list(range(1, 21))
     assert len(take_all(app, settings.PLAIN_QUEUE)) == 1
+
+
+def test_the_installed_router_finds_a_task_sent_by_name_without_celery_handing_it_over(app: Celery) -> None:
+    """Celery before 5.7 hands routers no task for ``send_task``: the app's router looks it up itself."""
+    from ordered_tasks import install, queue_for
+    from ordered_tasks.routing import AppRouter, route_task
+
+    router = app.conf.task_routes[0]
+    assert isinstance(router, AppRouter) and router.app is app
+    kwargs = {"run": "r", "key": "by-name", "seq": 1}
+    assert route_task(ORDERED, (), kwargs, {}, task=None) is None  # not in ROUTES: unknown without the task
+    assert router(ORDERED, (), kwargs, {}, task=None)["queue"].name == queue_for("by-name")
+    routes = app.conf.task_routes
+    install(app)
+    assert app.conf.task_routes == routes  # installing again changes nothing
+
+
+def test_install_replaces_a_router_listed_by_hand_with_the_apps_own() -> None:
+    from ordered_tasks import install
+    from ordered_tasks.routing import AppRouter
+
+    other = {"a.b": {"queue": "q"}}
+    app = Celery("listed-router", set_as_current=False)
+    app.conf.task_routes = ("ordered_tasks.routing.route_task", other)
+    install(app)
+    first, *rest = app.conf.task_routes
+    assert isinstance(first, AppRouter) and first.app is app
+    assert rest == [other]

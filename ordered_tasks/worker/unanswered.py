@@ -41,16 +41,30 @@ class Unanswered:
         self._connection: Any = None
         self._pid = 0
         self._unread = 0
+        #: When a reply was last read on the connection (monotonic; no later than the truth).
+        self._read_at = 0.0
 
     def _conn(self) -> Any:
         if self._pid != os.getpid():
             self._connection, self._unread, self._pid = None, 0, os.getpid()
         if self._connection is None:
+            self._read_at = time.monotonic()  # its first command may PING: nothing is unread then
             try:
                 self._connection = self.pool.get_connection()
             except TypeError:  # redis-py before 5.3 wants a command name
                 self._connection = self.pool.get_connection("_")
         return self._connection
+
+    def _health_check_due(self, connection: Any) -> bool:
+        """Whether redis-py may ``PING`` ``connection`` before its next command.
+
+        redis-py checks its health when ``health_check_interval`` seconds
+        passed since it last read a reply (by the wall clock before redis-py
+        6, by the monotonic clock since), so the check is timed here from the
+        replies this class read, with a margin.
+        """
+        interval = getattr(connection, "health_check_interval", 0)
+        return bool(interval) and time.monotonic() + HEALTH_CHECK_MARGIN > self._read_at + interval
 
     def reset(self) -> None:
         """Drop the connection (after an error); the next command opens a new one."""
@@ -65,6 +79,8 @@ class Unanswered:
         """
         try:
             connection = self._conn()
+            if self._unread:
+                self._read_at = time.monotonic()
             while self._unread:
                 self._unread -= 1
                 try:
@@ -79,7 +95,7 @@ class Unanswered:
         """Send ``commands`` without waiting; a connection error is raised after a reset."""
         try:
             connection = self._conn()
-            if self._unread >= UNREAD_LIMIT or (self._unread and _health_check_due(connection)):
+            if self._unread >= UNREAD_LIMIT or (self._unread and self._health_check_due(connection)):
                 self.flush()
             connection.send_packed_command(connection.pack_commands(commands))
             self._unread += len(commands)
@@ -93,14 +109,8 @@ class Unanswered:
             self.flush()
             connection = self._conn()
             connection.send_command(*command)
+            self._read_at = time.monotonic()
             return connection.read_response()
         except redis.RedisError:
             self.reset()
             raise
-
-
-def _health_check_due(connection: Any) -> bool:
-    """Whether redis-py would ``PING`` ``connection`` before its next command."""
-    interval = getattr(connection, "health_check_interval", 0)
-    due_at = getattr(connection, "next_health_check", 0.0)
-    return bool(interval) and time.monotonic() + HEALTH_CHECK_MARGIN > due_at
