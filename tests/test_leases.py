@@ -243,3 +243,38 @@ def test_the_reliable_fetch_takes_one_message_per_queue_and_acknowledges_without
     assert channel._size(first.name) == 1
     consumer.cancel()
     channel.queue_purge(first.name)
+
+
+def test_the_fetch_script_is_sent_once_then_called_by_its_hash_and_sent_again_when_redis_forgot_it(
+        channel: Any) -> None:
+    from tests.conftest import holding_consumer
+
+    channel.fetch_reliably()
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, "1", "2", "3")
+    consumer, held, drain = holding_consumer(channel, [queue])
+    consumer.consume()
+    drain()
+    assert [m.payload for m in held] == ["1"]  # fetched with EVAL: Redis now knows the script
+    connection = channel.client.connection
+    sent: list[str] = []
+    send_command = connection.send_command
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        sent.append(str(args[0]))
+        return send_command(*args, **kwargs)
+
+    connection.send_command = recording
+    held.pop().ack()
+    drain()
+    assert [m.payload for m in held] == ["2"]
+    assert sent and set(sent) == {"EVALSHA"}, sent
+    redis.Redis(connection_pool=channel.pool).script_flush()  # a restarted Redis knows no scripts
+    sent.clear()
+    held.pop().ack()
+    drain()
+    assert [m.payload for m in held] == ["3"]  # the refused call popped nothing; the script went again
+    assert sent[0] == "EVALSHA" and "EVAL" in sent, sent
+    held.pop().ack()
+    channel.flush_acknowledgements()
+    assert _unacked(channel, queue) == [] and channel._size(queue.name) == 0
