@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -19,10 +20,9 @@ from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.queues import partition_queue
 from tests.conftest import eventually, wait_done
-from tests.support.workload import fail, ran
+from tests.support.workload import T, fail, ran
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_db")]
-T = "tests.testapp.tasks."
 
 
 def raw_publish(app: Celery, task: str, kwargs: dict[str, Any], *, queue_of: str,
@@ -251,3 +251,29 @@ def test_a_partition_queue_declared_without_single_active_consumer_is_reported_a
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(name)
+
+
+@pytest.mark.e2e
+def test_after_a_failover_to_another_broker_url_the_worker_still_fetches_reliably(
+        app: Celery, broker: str, results: redis.Redis, run: str) -> None:
+    """``broker_url = "redis://down;redis://up"``: kombu's failover must not bring back its own transport."""
+    if not broker.startswith("redis"):
+        pytest.skip("the Redis transport's envelope")
+    from tests.conftest import Workers
+
+    with socket.socket() as probe:  # a port where no broker answers
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    key = f"failover-{run[:8]}"
+    queue = partition_queue(get_settings().queue_prefix, partition_for(key)).name
+    redis.Redis.from_url(broker).lpush(queue, b"\xff raw")  # only the reliable fetch parks this
+    workers = Workers(app, f"redis://127.0.0.1:{down}/14;{broker}", 1, [])
+    try:
+        workers.wait_ready()
+        eventually(lambda: ParkedMessage.objects.filter(partition=partition_for(key), reason="invalid",
+                                                        headers__has_key="x-ordered-tasks-raw").exists(),
+                   timeout=30, what="the raw item to be parked by the reliable fetch")
+        app.tasks[T + "ordered_record"].delay(run=run, key=key, seq=1)
+        assert wait_done(results, run, 1, timeout=30) == 1
+    finally:
+        workers.stop()

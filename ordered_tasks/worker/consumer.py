@@ -100,10 +100,19 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         On Redis its channels requeue at the head, and the task channel
         fetches reliably once the ``Leases`` step turns it on; on RabbitMQ
         they keep one unacknowledged message per partition queue and never
-        cancel a partition queue's consumer.
+        cancel a partition queue's consumer. Also after a failover to an
+        alternate URL of ``broker_url`` (``redis://a;redis://b``).
         """
-        return self.ensure_connected(self.app.connection_for_read(
-            heartbeat=heartbeat, transport=ordered_transport(self.app)))
+        transport = ordered_transport(self.app)
+        connection = self.ensure_connected(
+            self.app.connection_for_read(heartbeat=heartbeat, transport=transport))
+        if transport is not None and connection.transport_cls != transport:
+            # kombu's failover to an alternate broker URL takes the transport from its scheme.
+            logger.info("Failed over to %s; consuming with ordered_tasks' transport again.",
+                        connection.as_uri())
+            connection.release()
+            connection = self.ensure_connected(connection.clone(transport=transport))
+        return connection
 
     def cancel_task_queue(self, queue: Any) -> None:
         """The ``cancel_consumer`` remote control command: refused for a partition queue.
