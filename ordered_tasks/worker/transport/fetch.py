@@ -71,6 +71,7 @@ return false
 """
 _FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
 
+
 class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     """Kombu's Redis channel; once :meth:`fetch_reliably` is called, it fetches with one atomic script.
 
