@@ -32,6 +32,9 @@ class NemesisConfig:
     stop_past_lease: bool = True
     #: A second launcher for the same partitions, started during the run.
     standby: bool = True
+    #: Redis forgets its Lua scripts (``SCRIPT FLUSH``), as after a restart: the fetch and the
+    #: leases must send them again without losing or skipping a message.
+    script_flush: bool = True
     #: Disturb services that others on the machine share: off unless explicitly allowed.
     broker_restart: bool = False
     db_outage: bool = False
@@ -138,6 +141,12 @@ class Nemesis:
             _signal(pids, signal.SIGCONT)
             self.stopped.difference_update(pids)
             self._log(kind, start, time.time(), f"pids {pids} for {seconds:.1f} s")
+        elif kind == "script_flush":
+            import redis
+
+            url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14") or "redis://127.0.0.1:6379/14"
+            redis.Redis.from_url(url).script_flush()
+            self._log(kind, time.time(), time.time(), url)
         elif kind in ("broker_restart", "db_outage"):
             self._disrupt(kind)
 
