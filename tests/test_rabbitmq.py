@@ -119,3 +119,25 @@ def test_the_worker_consumes_with_ordered_tasks_transports() -> None:
     assert chosen("pyamqp://guest@127.0.0.1//") == "ordered_tasks.worker.exclusivity.rabbitmq:Transport"
     assert chosen("amqps://guest@127.0.0.1//") == "ordered_tasks.worker.exclusivity.rabbitmq:SSLTransport"
     assert chosen("memory://") is None
+
+
+def test_the_ordered_connection_keeps_what_kombu_derived_from_the_url() -> None:
+    """TLS of ``rediss://`` and ``amqps://``, alternates of a failover list, the heartbeat."""
+    from celery import Celery
+
+    from ordered_tasks.worker.consumer import ordered_connection
+
+    def made(url: str) -> object:
+        app = Celery("t", broker=url, set_as_current=False)
+        return ordered_connection(app.connection_for_read(heartbeat=10.0), 10.0)
+
+    secure: Any = made("rediss://127.0.0.1:6380/0")
+    assert secure.transport_cls == "ordered_tasks.worker.transport.transport:RedisTransport"
+    assert secure.ssl, "rediss:// without broker_use_ssl: kombu's TLS default must stay"
+    assert secure.heartbeat == 10.0
+    plain: Any = made("redis://127.0.0.1:6379/0;redis://127.0.0.1:6390/0")
+    assert not plain.ssl and plain.alt == ["redis://127.0.0.1:6379/0", "redis://127.0.0.1:6390/0"]
+    tls: Any = made("amqps://guest@127.0.0.1//")
+    assert tls.transport_cls == "ordered_tasks.worker.exclusivity.rabbitmq:SSLTransport" and tls.ssl
+    memory: Any = made("memory://")
+    assert memory.transport_cls == "memory"

@@ -38,13 +38,17 @@ def _is_amqp(consumer: Any) -> bool:
 
 
 def ordered_transport(app: Celery) -> str | None:
-    """The transport an ordered worker of ``app`` consumes with (its dotted path), or None for kombu's own.
+    """The transport an ordered worker of ``app`` consumes with (its dotted path), or None for kombu's own."""
+    return _ordered_transport_of(app.connection_for_read())
 
-    Chosen from the transport the app's broker URL names: kombu's Redis,
-    Sentinel and py-amqp transports each get ordered_tasks' subclass. A
-    path rather than the class, so that ``inspect stats`` can show it.
+
+def _ordered_transport_of(connection: Any) -> str | None:
+    """ordered_tasks' subclass of the transport kombu chose for ``connection``, as a dotted path.
+
+    Kombu's Redis, Sentinel and py-amqp transports each have one. A path
+    rather than the class, so that ``inspect stats`` can show it.
     """
-    name: Any = app.connection_for_read().transport_cls
+    name: Any = connection.transport_cls
     cls: type = name if isinstance(name, type) else symbol_by_name(resolve_transport(name) or name)
     if issubclass(cls, (RedisTransport, SentinelTransport, rabbitmq.Transport, rabbitmq.SSLTransport)):
         return f"{cls.__module__}:{cls.__qualname__}"
@@ -57,6 +61,21 @@ def ordered_transport(app: Celery) -> str | None:
     if issubclass(cls, kombu_redis.Transport):
         return f"{RedisTransport.__module__}:RedisTransport"
     return None
+
+
+def ordered_connection(connection: Any, heartbeat: float | None = None) -> Any:
+    """``connection`` (not yet connected) on ordered_tasks' transport, with all its other settings.
+
+    A copy rather than a new connection from the app's settings, so that
+    what kombu derived from the URL stays: the TLS default of ``rediss://``
+    and ``amqps://``, and the alternates of a failover URL list.
+    """
+    transport = _ordered_transport_of(connection)
+    if transport is None or connection.transport_cls == transport:
+        return connection
+    ordered = connection.clone(transport=transport, heartbeat=heartbeat)
+    connection.release()
+    return ordered
 
 
 class OrderedConsumer(Consumer):  # type: ignore[misc]
@@ -103,15 +122,14 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         cancel a partition queue's consumer. Also after a failover to an
         alternate URL of ``broker_url`` (``redis://a;redis://b``).
         """
-        transport = ordered_transport(self.app)
         connection = self.ensure_connected(
-            self.app.connection_for_read(heartbeat=heartbeat, transport=transport))
-        if transport is not None and connection.transport_cls != transport:
+            ordered_connection(self.app.connection_for_read(heartbeat=heartbeat), heartbeat))
+        ordered = ordered_connection(connection, heartbeat)
+        if ordered is not connection:
             # kombu's failover to an alternate broker URL takes the transport from its scheme.
             logger.info("Failed over to %s; consuming with ordered_tasks' transport again.",
-                        connection.as_uri())
-            connection.release()
-            connection = self.ensure_connected(connection.clone(transport=transport))
+                        ordered.as_uri())
+            connection = self.ensure_connected(ordered)
         return connection
 
     def cancel_task_queue(self, queue: Any) -> None:
