@@ -117,14 +117,15 @@ def test_a_worker_frozen_past_its_lease_does_not_run_what_it_held_after_the_new_
     owner = start_workers(1)
     start_workers(1)  # the standby
     task = app.tasks["tests.testapp.tasks.ordered_record"]
-    task.delay(run=run, key=slow, seq=1, sleep=3.0)
-    task.delay(run=run, key=held, seq=1)  # waits in the owner's pool pipe behind the slow one
+    task.delay(run=run, key=slow, seq=1, sleep=5.0)
+    # Frozen while it runs the slow one: a message it had not started yet it would refuse on thawing.
+    # The held one is published only then: the fetch takes partitions in turn, not in publish order.
+    eventually(lambda: results.llen(f"{run}:started:{slow}"), timeout=15, what="the owner to start the slow one")
+    task.delay(run=run, key=held, seq=1)  # waits in the owner, behind the slow one
     with app.connection_for_write() as conn:
         ours = {partition_queue(get_settings().queue_prefix, partition_for(k)).name for k in (slow, held)}
-        eventually(lambda: ours <= set(unacknowledged_queues(conn.default_channel)), timeout=15,
+        eventually(lambda: ours <= set(unacknowledged_queues(conn.default_channel)), timeout=4,
                    what="the owner to hold both messages")
-    # Frozen while it runs the slow one: a message it had not started yet it would refuse on thawing.
-    eventually(lambda: results.llen(f"{run}:started:{slow}"), timeout=15, what="the owner to start the slow one")
     frozen = worker_processes(owner)
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
