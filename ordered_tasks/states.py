@@ -5,18 +5,22 @@ from __future__ import annotations
 from enum import Enum
 
 
-class KeyStatus(str, Enum):
+class _Named(str, Enum):
+    """A string enum whose members print as their value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class KeyStatus(_Named):
     """Where a key stands; a key that never failed has no state and counts as active."""
 
     ACTIVE = "active"
     RETRYING = "retrying"
     BLOCKED = "blocked"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ControlAction(str, Enum):
+class ControlAction(_Named):
     """What a control message asks of a key's partition consumer."""
 
     #: Run the parked messages of a blocked key again, in their order.
@@ -25,6 +29,3 @@ class ControlAction(str, Enum):
     SKIP = "skip"
     #: An in-place retry may be due: look at the key again.
     WAKE = "wake"
-
-    def __str__(self) -> str:
-        return self.value
