@@ -1,0 +1,206 @@
+"""Per-key lanes: the messages of one key start one at a time, in delivery order; other keys run at once."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator
+
+logger = logging.getLogger(__name__)
+
+#: The lane of a message: its partition and its key, or ``BARRIER`` for a message whose
+#: key the consumer cannot tell before it runs (a producer that sent no ``ordered_key``).
+BARRIER = None
+
+
+@dataclass(eq=False)
+class Entry:
+    """One delivered, unacknowledged message of a lane."""
+
+    tag: Hashable
+    partition: int
+    key: str | None
+    #: Hands the message to Celery (and so to the pool); may be called again to run it again.
+    start: Callable[[], Any]
+    #: The message itself (for handing it back to the broker).
+    message: Any = None
+    started: bool = False
+
+
+@dataclass
+class _Partition:
+    #: key -> the entry that started and has not settled.
+    running: dict[str, Entry] = field(default_factory=dict)
+    #: key -> entries delivered after the running one, in delivery order.
+    waiting: dict[str, deque[Entry]] = field(default_factory=dict)
+    #: A message without a key: it starts once nothing of the partition runs, and
+    #: nothing of the partition starts until it settled.
+    barrier: Entry | None = None
+    #: Entries delivered after the barrier, in delivery order.
+    behind: deque[Entry] = field(default_factory=deque)
+
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def entries(self) -> Iterator[Entry]:
+        yield from self.running.values()
+        for waiting in self.waiting.values():
+            yield from waiting
+        if self.barrier is not None:
+            yield self.barrier
+        yield from self.behind
+
+
+class Lanes:
+    """The lanes of one consumer channel's partition queues.
+
+    The channel holds a window of unacknowledged messages per partition;
+    :meth:`admit` is called for each in delivery order and starts it at
+    once unless an earlier message of its key has not settled yet (been
+    acknowledged or rejected: it succeeded, was parked, or moved to
+    retrying), in which case it waits. :meth:`settled` starts the key's
+    next message. Called from the consumer's event loop only.
+
+    ``may_start`` is asked before a waiting message starts: while the
+    worker shuts down, nothing more starts and the rest of the window stays
+    unacknowledged, to come back in its place.
+    """
+
+    def __init__(self, may_start: Callable[[], bool] = lambda: True) -> None:
+        self.may_start = may_start
+        self._partitions: dict[int, _Partition] = {}
+        self._by_tag: dict[Hashable, Entry] = {}
+        self._to_start: deque[Entry] = deque()
+        self._starting = False
+
+    def __len__(self) -> int:
+        return len(self._by_tag)
+
+    def admit(self, tag: Hashable, partition: int, key: str | None, start: Callable[[], Any],
+              message: Any = None) -> None:
+        """A message of ``partition`` and ``key`` (``BARRIER``: unknown) was delivered."""
+        entry = Entry(tag, partition, key, start, message)
+        self._by_tag[tag] = entry
+        self._place(self._partitions.setdefault(partition, _Partition()), entry)
+        self._run()
+
+    def _place(self, lanes: _Partition, entry: Entry) -> None:
+        if lanes.barrier is not None:
+            lanes.behind.append(entry)
+        elif entry.key is BARRIER:
+            lanes.barrier = entry
+            if lanes.idle():
+                self._to_start.append(entry)
+        elif entry.key in lanes.running:
+            lanes.waiting.setdefault(entry.key, deque()).append(entry)
+        else:
+            lanes.running[entry.key] = entry
+            self._to_start.append(entry)
+
+    def settled(self, tag: Hashable) -> Entry | None:
+        """The message ``tag`` was acknowledged or rejected: start what waited for it.
+
+        Returns its entry, or None for a message that is not (or no longer) in a lane.
+        """
+        entry = self._by_tag.pop(tag, None)
+        if entry is None:
+            return None
+        lanes = self._partitions.get(entry.partition)
+        if lanes is not None:
+            self._remove(lanes, entry)
+            self._run()
+        return entry
+
+    def recall(self, tag: Hashable) -> list[Entry]:
+        """The running message ``tag`` goes back to the broker: take its key's waiting messages out too.
+
+        Returns them in delivery order; the caller hands them back before
+        ``tag`` (each becomes the new head of the queue on Redis, so the
+        last goes first), so that none of them runs before it. Nothing
+        starts. Empty for a message that is not running.
+        """
+        entry = self._by_tag.get(tag)
+        lanes = self._partitions.get(entry.partition) if entry is not None else None
+        if entry is None or lanes is None or not entry.started or entry.key is BARRIER:
+            return []
+        followers = list(lanes.waiting.pop(entry.key, ()))
+        for follower in followers:
+            self._by_tag.pop(follower.tag, None)
+        return followers
+
+    def _remove(self, lanes: _Partition, entry: Entry) -> None:
+        key = entry.key
+        if lanes.barrier is entry:
+            lanes.barrier = None
+            behind, lanes.behind = lanes.behind, deque()
+            for later in behind:
+                self._place(lanes, later)
+        elif key is not BARRIER and lanes.running.get(key) is entry:
+            waiting = lanes.waiting.get(key)
+            if waiting:
+                following = waiting.popleft()
+                if not waiting:
+                    del lanes.waiting[key]
+                lanes.running[key] = following
+                self._to_start.append(following)
+            else:
+                del lanes.running[key]
+                if lanes.barrier is not None and lanes.idle():
+                    self._to_start.append(lanes.barrier)
+        else:  # settled before it started (a closed channel, a revoke)
+            waiting = lanes.waiting.get(key) if key is not BARRIER else None
+            if key is not BARRIER and waiting is not None and entry in waiting:
+                waiting.remove(entry)
+                if not waiting:
+                    del lanes.waiting[key]
+            elif entry in lanes.behind:
+                lanes.behind.remove(entry)
+
+    def _run(self) -> None:
+        """Start the entries due to start, in order; re-entrant calls only queue more."""
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self._to_start:
+                entry = self._to_start.popleft()
+                if entry.started or self._by_tag.get(entry.tag) is not entry:
+                    continue
+                if not self.may_start():
+                    self._to_start.clear()  # the rest of the window goes back in place
+                    return
+                entry.started = True
+                entry.start()
+        finally:
+            self._starting = False
+
+    def is_running(self, tag: Hashable) -> bool:
+        """Whether ``tag`` is the started, unsettled message of its lane."""
+        entry = self._by_tag.get(tag)
+        return entry is not None and entry.started
+
+    def entry(self, tag: Hashable) -> Entry | None:
+        return self._by_tag.get(tag)
+
+    def drop_partition(self, partition: int) -> list[Entry]:
+        """Forget the lanes of ``partition`` (the worker lost it, or gets it back anew); return its entries.
+
+        Their messages are neither acknowledged nor started here: they go
+        back to the queue with the partition (the next owner, or this worker
+        in its next tenure, restores them at the head in delivery order).
+        """
+        lanes = self._partitions.pop(partition, None)
+        if lanes is None:
+            return []
+        dropped = list(lanes.entries())
+        for entry in dropped:
+            if self._by_tag.get(entry.tag) is entry:
+                del self._by_tag[entry.tag]
+        return dropped
+
+    def counts(self) -> dict[int, tuple[int, int]]:
+        """Per partition: messages running (started, unsettled) and waiting."""
+        return {p: (sum(1 for e in lanes.entries() if e.started),
+                    sum(1 for e in lanes.entries() if not e.started))
+                for p, lanes in self._partitions.items()}

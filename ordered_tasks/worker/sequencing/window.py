@@ -1,0 +1,123 @@
+"""A partition consumer's window: every delivered message enters its key's lane, and the lane starts it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from celery.worker import state
+
+from ...options import KEY_HEADER
+from .lanes import BARRIER, Lanes
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before a message handed back in place runs again.
+RERUN_PAUSE = 0.5
+
+
+def worker_running() -> bool:
+    """Whether the worker still starts messages (not shutting down)."""
+    return not (state.should_stop or state.should_terminate)
+
+
+def new_lanes() -> Lanes:
+    """The lanes of one channel: nothing more starts once the worker shuts down."""
+    return Lanes(may_start=worker_running)
+
+
+def lanes_of(message: Any) -> Lanes | None:
+    """The lanes of the channel that delivered ``message`` (None: not one of ordered_tasks' channels)."""
+    return getattr(getattr(message, "channel", None), "lanes", None)
+
+
+def lane_key(message: Any) -> str | None:
+    """The key a message is sequenced by: its ``ordered_key`` header, else ``BARRIER``.
+
+    A message without the header (a producer that is not ordered_tasks'
+    own) may belong to any key of its partition: it starts once nothing
+    else of the partition runs, and nothing starts before it settled.
+    """
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    key = headers.get(KEY_HEADER)
+    return BARRIER if key is None else str(key)
+
+
+def seconds_to_eta(message: Any) -> float:
+    """Seconds until the message's ``eta`` header (0 without one, or when it is due)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    eta = headers.get("eta")
+    if not isinstance(eta, str):
+        return 0.0
+    try:
+        when = datetime.fromisoformat(eta)
+    except ValueError:
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def is_control(app: Any, message: Any) -> bool:
+    """Whether ``message`` is one of ordered_tasks' control messages (replay, skip, wake-up)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task = app.tasks.get(headers.get("task")) if isinstance(headers.get("task"), str) else None
+    return bool(getattr(task, "ordered_control", False))
+
+
+def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any]) -> bool:
+    """Put a delivered message of ``partition`` into its lane; False when its channel has no lanes.
+
+    A retry's wake-up waits for its time outside the lanes, so that its key's
+    later messages are parked meanwhile instead of waiting in the window;
+    when it is due it joins its key's lane like any other message.
+    """
+    lanes = lanes_of(message)
+    if lanes is None:
+        return False
+    tag, key = message.delivery_tag, lane_key(message)
+    delay = seconds_to_eta(message) if key is not BARRIER else 0.0
+    if delay > 0 and is_control(consumer.app, message):
+        release = getattr(getattr(message.channel, "qos", None), "hold", None)
+        if release is not None:
+            release(tag)  # Redis: its slot in the window is free until it is due
+        consumer.timer.call_after(delay, lanes.admit, (tag, partition, key, start, message), priority=6)
+        return True
+    lanes.admit(tag, partition, key, start, message)
+    return True
+
+
+def hand_back_in_place(consumer: Any, message: Any) -> bool:
+    """Run a message that cannot finish now again after a pause, in its place; False if it is not in a lane.
+
+    The message stays unacknowledged and heads its key's lane, so nothing
+    later of its key starts meanwhile, and nothing of the partition goes
+    back to the broker (where a message fetched meanwhile could overtake
+    it). If the worker lost the partition before then, or shuts down, the
+    message is left to come back in its place with the partition.
+    """
+    lanes = lanes_of(message)
+    tag = getattr(message, "delivery_tag", None)
+    timer = getattr(consumer, "timer", None)
+    if lanes is None or timer is None or not lanes.is_running(tag):
+        return False
+
+    def again() -> None:
+        entry = lanes.entry(tag)
+        if entry is None or not entry.started:
+            logger.warning("Message %s was handed back in place, and its partition has moved on since; "
+                           "it comes back with the partition.", _task_id(message))
+            return
+        if worker_running():
+            entry.start()
+
+    logger.warning("Handing message %s back in place: it runs again in %.1f s, before any later "
+                   "message of its key.", _task_id(message), RERUN_PAUSE)
+    timer.call_after(RERUN_PAUSE, again, priority=6)
+    return True
+
+
+def _task_id(message: Any) -> str:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    return str(headers.get("id") or getattr(message, "delivery_tag", "?"))

@@ -1,0 +1,163 @@
+"""The lanes of a consumer's window: one message at a time per key, in delivery order, other keys at once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes
+
+
+class Recorder:
+    def __init__(self, lanes: Lanes) -> None:
+        self.lanes = lanes
+        self.started: list[str] = []
+
+    def admit(self, tag: str, key: str | None, partition: int = 0) -> None:
+        self.lanes.admit(tag, partition, key, lambda: self.started.append(tag))
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder(Lanes())
+
+
+def test_different_keys_start_at_once_and_one_key_waits(rec: Recorder) -> None:
+    rec.admit("a1", "a")
+    rec.admit("b1", "b")
+    rec.admit("a2", "a")
+    rec.admit("a3", "a")
+    assert rec.started == ["a1", "b1"]
+    rec.lanes.settled("b1")
+    assert rec.started == ["a1", "b1"]
+    rec.lanes.settled("a1")
+    assert rec.started == ["a1", "b1", "a2"]
+    rec.lanes.settled("a2")
+    rec.lanes.settled("a3")
+    assert rec.started == ["a1", "b1", "a2", "a3"]
+    assert len(rec.lanes) == 0
+
+
+def test_the_same_key_in_two_partitions_is_two_lanes(rec: Recorder) -> None:
+    rec.admit("p0", "a", partition=0)
+    rec.admit("p1", "a", partition=1)
+    assert rec.started == ["p0", "p1"]
+
+
+def test_a_message_without_a_key_waits_for_its_partition_and_holds_it(rec: Recorder) -> None:
+    rec.admit("a1", "a")
+    rec.admit("b1", "b")
+    rec.admit("x", BARRIER)
+    rec.admit("c1", "c")
+    rec.admit("other", "c", partition=1)  # another partition is not held
+    assert rec.started == ["a1", "b1", "other"]
+    rec.lanes.settled("a1")
+    assert "x" not in rec.started
+    rec.lanes.settled("b1")
+    assert rec.started[-1] == "x"
+    assert "c1" not in rec.started
+    rec.lanes.settled("x")
+    assert rec.started[-1] == "c1"
+
+
+def test_a_message_settled_before_it_started_is_skipped(rec: Recorder) -> None:
+    rec.admit("a1", "a")
+    rec.admit("a2", "a")
+    rec.admit("a3", "a")
+    rec.lanes.settled("a2")  # the channel closed, or it was revoked while waiting
+    rec.lanes.settled("a1")
+    assert rec.started == ["a1", "a3"]
+
+
+def test_recall_takes_the_waiting_messages_of_the_key_out(rec: Recorder) -> None:
+    rec.admit("a1", "a")
+    rec.admit("b1", "b")
+    rec.admit("a2", "a")
+    rec.admit("a3", "a")
+    rec.admit("b2", "b")
+    followers = rec.lanes.recall("a1")
+    assert [f.tag for f in followers] == ["a2", "a3"]
+    rec.lanes.settled("a1")
+    assert rec.started == ["a1", "b1"]  # nothing of a started
+    assert rec.lanes.recall("b2") == []  # not running: nothing to recall
+    rec.admit("a4", "a")
+    assert rec.started[-1] == "a4"
+
+
+def test_dropping_a_partition_starts_nothing_more_of_it(rec: Recorder) -> None:
+    rec.admit("a1", "a")
+    rec.admit("a2", "a")
+    rec.admit("z1", "z", partition=1)
+    dropped = rec.lanes.drop_partition(0)
+    assert sorted(e.tag for e in dropped) == ["a1", "a2"]
+    rec.lanes.settled("a1")  # the running one ends later: nothing follows it
+    assert rec.started == ["a1", "z1"]
+    assert rec.lanes.entry("z1") is not None
+
+
+def test_nothing_starts_while_the_worker_stops() -> None:
+    running = [True]
+    lanes = Lanes(may_start=lambda: running[0])
+    rec = Recorder(lanes)
+    rec.admit("a1", "a")
+    rec.admit("a2", "a")
+    rec.admit("b1", "b")
+    running[0] = False
+    lanes.settled("a1")
+    rec.admit("c1", "c")
+    assert rec.started == ["a1", "b1"]
+
+
+def test_a_message_that_settles_as_it_starts_starts_the_next_without_recursion() -> None:
+    lanes = Lanes()
+    started: list[int] = []
+
+    def start(n: int) -> None:
+        started.append(n)
+        lanes.settled(n)  # e.g. a revoked message, acknowledged at once
+
+    count = 5000
+    lanes.admit(-1, 0, "k", lambda: started.append(-1))
+    for n in range(count):
+        lanes.admit(n, 0, "k", lambda n=n: start(n))
+    lanes.settled(-1)
+    assert started == [-1, *range(count)]
+    assert len(lanes) == 0
+
+
+def test_random_interleavings_keep_each_key_in_order_and_alone() -> None:
+    rng = random.Random(7)
+    for _round in range(200):
+        lanes = Lanes()
+        running: dict[str, str] = {}
+        order: dict[str, list[int]] = {}
+        active: list[str] = []
+
+        def start(tag: str, key: str | None, running: dict[str, str] = running,
+                  order: dict[str, list[int]] = order, active: list[str] = active) -> None:
+            lane = key if key is not BARRIER else "*"
+            assert lane not in running, f"{tag} started while {running.get(lane)} of its key runs"
+            if key is BARRIER:
+                assert not running, "a message without a key started while others ran"
+            else:
+                assert "*" not in running
+            running[lane] = tag
+            active.append(tag)
+            if key is not BARRIER:
+                order.setdefault(key, []).append(int(tag.split(":")[1]))
+
+        delivered = 0
+        for _step in range(60):
+            if active and rng.random() < 0.5:
+                tag = active.pop(rng.randrange(len(active)))
+                lane = next(k for k, t in running.items() if t == tag)
+                del running[lane]
+                lanes.settled(tag)
+            else:
+                key = rng.choice(["a", "b", "c", BARRIER]) if rng.random() < 0.95 else BARRIER
+                tag = f"{key}:{delivered}"
+                delivered += 1
+                lanes.admit(tag, 0, key, lambda tag=tag, key=key: start(tag, key))
+        for key, numbers in order.items():
+            assert numbers == sorted(numbers), key
