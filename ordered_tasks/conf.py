@@ -22,10 +22,13 @@ DEFAULTS: dict[str, Any] = {
     "ROUTES": {},
     "CELERY_APP": None,
     "REDIS_URL": None,
+    "WINDOW": 16,
 }
 #: URL schemes of a Redis server (broker, leases, completion ledger).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PARTITIONS = 4096
+#: The largest ``WINDOW``: unacknowledged messages a consumer holds per partition.
+MAX_WINDOW = 1000
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:]*(\.[A-Za-z0-9_\-:]+)*$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -48,6 +51,9 @@ class OrderedTasksSettings:
     routes: tuple[tuple[re.Pattern[str], RouteKey], ...] = field(default_factory=tuple)
     celery_app: str | None = None
     redis_url: str | None = None
+    #: Unacknowledged messages a partition's consumer holds at once (the messages of
+    #: different keys among them run at the same time, those of one key one by one).
+    window: int = 16
 
     def coordination_url(self, broker_url: str | None) -> str | None:
         """Redis for leases and the completion ledger: ``REDIS_URL``, else a Redis broker."""
@@ -114,6 +120,12 @@ def find_problems(raw: Any) -> list[Problem]:
         problems.append(Problem(
             "ordered_tasks.E007", f"ORDERED_TASKS['REDIS_URL'] is {redis_url!r}.",
             "Use a Redis URL such as 'redis://localhost:6379/0', or leave it out to use a Redis broker."))
+    window = raw.get("WINDOW", DEFAULTS["WINDOW"])
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+        problems.append(Problem(
+            "ordered_tasks.E008", f"ORDERED_TASKS['WINDOW'] is {window!r}.",
+            f"Use a whole number from 1 to {MAX_WINDOW}: the unacknowledged messages a worker "
+            "holds per partition. 1 runs one task at a time per partition; the default is 16."))
     return problems
 
 
@@ -154,6 +166,7 @@ def build(raw: Any) -> OrderedTasksSettings:
         routes=tuple((_compile(p), k) for p, k in merged["ROUTES"].items()),
         celery_app=merged["CELERY_APP"],
         redis_url=merged["REDIS_URL"],
+        window=merged["WINDOW"],
     )
 
 

@@ -141,7 +141,8 @@ def queue_depths(app: Celery) -> dict[str, int]:
 class Workers:
     """``manage.py ordered_worker`` running in a subprocess, as an operator starts it."""
 
-    def __init__(self, app: Celery, broker_url: str, processes: int, extra: list[str]) -> None:
+    def __init__(self, app: Celery, broker_url: str, processes: int, extra: list[str],
+                 window: int | None = None) -> None:
         self.app = app
         self.name = f"t{uuid.uuid4().hex[:6]}"
         self.processes = processes
@@ -151,6 +152,8 @@ class Workers:
                "DJANGO_SETTINGS_MODULE": "tests.settings"}
         if connection.vendor == "postgresql":  # the workers share the test database
             env["TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+        if window is not None:
+            env["TEST_WINDOW"] = str(window)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes),
              "--hostname", f"{self.name}@%h", *extra, "--", "--loglevel", "WARNING",
@@ -201,8 +204,8 @@ def shared_db(transactional_db: None) -> None:
 def start_workers(app: Celery, broker: str, shared_db: None) -> Iterator[Any]:
     started: list[Workers] = []
 
-    def start(processes: int = 2, *extra: str, ready: bool = True) -> Workers:
-        workers = Workers(app, broker, processes, list(extra))
+    def start(processes: int = 2, *extra: str, ready: bool = True, window: int | None = None) -> Workers:
+        workers = Workers(app, broker, processes, list(extra), window)
         started.append(workers)
         if ready:
             workers.wait_ready()

@@ -90,6 +90,8 @@ ORDERED_TASKS = {
     "CELERY_APP": "tests.testapp.celery:app",
     # Leases and the completion ledger, whichever broker the test uses.
     "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14") or None,
+    # Worker subprocesses of a test may get another window (start_workers(..., window=N)).
+    "WINDOW": int(os.environ.get("TEST_WINDOW", "16")),
 }
 # Fast hashing: the admin tests create users with passwords.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

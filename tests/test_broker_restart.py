@@ -18,7 +18,7 @@ from celery import Celery
 
 from tests.conftest import Workers, make_app, purge_all, wait_done
 from tests.services import BROKERS, in_ci, require
-from tests.support.workload import assert_in_order, assert_partitions_never_overlap, publish_interleaved
+from tests.support.workload import assert_in_order, assert_keys_never_overlap, publish_interleaved
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("shared_db")]
 
@@ -87,7 +87,7 @@ def _run_through_restart(app: Celery, broker_url: str, results: redis.Redis, res
         restart()
         assert wait_done(results, run, total, timeout=120) >= total
         assert_in_order(results, run, keys=40, per_key=15, redelivered=2)
-        assert_partitions_never_overlap(results, run)
+        assert_keys_never_overlap(results, run)
     finally:
         with contextlib.suppress(Exception):
             workers.stop()

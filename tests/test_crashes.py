@@ -18,7 +18,7 @@ from ordered_tasks import partition_for
 from ordered_tasks.conf import get_settings
 from ordered_tasks.queues import partition_queue
 from tests.conftest import Workers, eventually, unacknowledged_queues, wait_done
-from tests.support.workload import assert_in_order, assert_partitions_never_overlap, publish_interleaved
+from tests.support.workload import assert_in_order, assert_keys_never_overlap, publish_interleaved
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def test_sigkill_chaos_loses_nothing_and_keeps_order(app: Celery, start_workers:
     done = wait_done(results, run, total, timeout=150)
     assert done >= total, f"only {done} of {total} tasks ran after {kills} kills"
     assert_in_order(results, run, keys=keys, per_key=per_key, redelivered=kills)
-    assert_partitions_never_overlap(results, run)
+    assert_keys_never_overlap(results, run)
     assert done - total <= kills
 
 
@@ -80,7 +80,7 @@ def test_a_standby_takes_over_when_the_owner_stops_and_never_overlaps(
     assert wait_done(results, run, total, timeout=90) >= total
     assert owner.process.wait(60) == 0
     assert_in_order(results, run, keys=30, per_key=20, redelivered=1)
-    assert_partitions_never_overlap(results, run)
+    assert_keys_never_overlap(results, run)
     pids = {entry.rsplit("|", 1)[1] for entry in results.lrange(f"{run}:spans", 0, -1)}
     assert len(pids) >= 2, "the standby never ran anything"
     del standby
@@ -203,4 +203,4 @@ def test_a_warm_shutdown_hands_over_to_the_standby_while_publishing_and_loses_no
     for key, seqs in ran.items():
         collapsed = [s for i, s in enumerate(seqs) if i == 0 or s != seqs[i - 1]]
         assert collapsed == list(range(1, seq + 1)), f"key {key} ran out of order: {seqs}"
-    assert_partitions_never_overlap(results, run)
+    assert_keys_never_overlap(results, run)

@@ -47,8 +47,9 @@ def _drain(connection: Any, seconds: float = 0.5) -> None:
         pass
 
 
-def test_celerys_global_prefetch_of_one_becomes_one_per_partition_queue(
-        rabbitmq: str, ordered_connection: Any) -> None:
+def test_celerys_global_prefetch_becomes_a_window_per_partition_queue(
+        rabbitmq: str, ordered_connection: Any, settings: Any) -> None:
+    settings.ORDERED_TASKS = {**settings.ORDERED_TASKS, "WINDOW": 2}
     channel = ordered_connection.channel()
     queues = [q(channel) for q in partition_queues(2)]
     for queue in queues:
@@ -57,7 +58,7 @@ def test_celerys_global_prefetch_of_one_becomes_one_per_partition_queue(
     try:
         producer = Producer(channel)
         for queue in queues:
-            for n in range(3):
+            for n in range(4):
                 producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.routing_key,
                                  declare=[queue])
         held: list[Any] = []
@@ -66,11 +67,13 @@ def test_celerys_global_prefetch_of_one_becomes_one_per_partition_queue(
         channel.basic_qos(0, 1, True)  # what Celery's Tasks step asks for: 1 for the whole channel
         consumer.consume()
         _drain(ordered_connection)
-        # Per channel, one message in all; per consumer, one of each partition queue.
-        assert sorted(m.delivery_info["routing_key"] for m in held) == ["k0", "k1"]
-        held[0].ack()
+        # Per channel, one message in all; per consumer, a window of two of each partition queue.
+        assert sorted(m.delivery_info["routing_key"] for m in held) == ["k0", "k0", "k1", "k1"]
+        first = held[0]
+        first.ack()
         _drain(ordered_connection)
-        assert len(held) == 3  # the acknowledged queue's next message, nothing more
+        assert len(held) == 5  # the acknowledged queue's next message, nothing more
+        assert held[4].delivery_info["routing_key"] == first.delivery_info["routing_key"]
     finally:
         channel.close()
         with Connection(rabbitmq) as cleaner:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -79,6 +81,26 @@ def test_plan_splits_partitions_over_processes(settings) -> None:
     pooled = Command().plan({"celery_args": [], "partitions": None, "processes": 2, "concurrency": 3,
                              "hostname": "o@%h", "pool": "prefork", "app": None})
     assert [c.argv[c.argv.index("--concurrency") + 1] for c in pooled] == ["3", "3"]
+    # The pool no longer depends on the partitions: 32 threads for the 4 partitions of each worker.
+    threads = Command().plan({"celery_args": [], "partitions": None, "processes": 2, "concurrency": 32,
+                              "hostname": "o@%h", "pool": "threads", "app": None})
+    assert [c.argv[c.argv.index("--concurrency") + 1] for c in threads] == ["32", "32"]
+
+
+def test_the_default_number_of_workers_counts_prefork_pool_processes_as_cores(
+        settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.ORDERED_TASKS = {"PARTITIONS": 16}
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+
+    def workers(pool: str, concurrency: int) -> int:
+        return len(Command().plan({"celery_args": [], "partitions": None, "processes": None,
+                                   "concurrency": concurrency, "hostname": "o@%h", "pool": pool,
+                                   "app": None}))
+
+    assert workers("prefork", 1) == 4
+    assert workers("prefork", 2) == 2
+    assert workers("prefork", 8) == 1
+    assert workers("threads", 32) == 4
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -86,8 +108,7 @@ def test_plan_splits_partitions_over_processes(settings) -> None:
     (["--partitions", "0-9"], "outside 0-7"),
     (["--", "--concurrency", "8"], "launcher's own --concurrency"),
     (["--concurrency", "0"], "at least 1"),
-    (["--pool", "threads", "--concurrency", "2"], "needs the prefork pool"),
-    (["--processes", "4", "--concurrency", "3"], "more than the 2 partitions of a worker"),
+    (["--pool", "solo", "--concurrency", "2"], "needs a pool"),
 ])
 def test_command_refuses_unsafe_options(argv: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):

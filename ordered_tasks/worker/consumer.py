@@ -22,8 +22,9 @@ from .exclusivity import rabbitmq
 from .exclusivity.leases import LEASE_TICK, LeaseKeeper
 from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
-from .failures.unrunnable import hand_over
+from .failures.unrunnable import hand_over, partition_of_message
 from .health.figures import FIGURES
+from .sequencing.window import admit
 from .setup import ordered_worker
 from .transport.fetch import start_fetching_reliably
 from .transport.transport import RedisTransport, SentinelTransport
@@ -102,14 +103,14 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         starts the task consumer. Another worker may have had the
         partitions meanwhile, so what this worker remembers of them is
         stale. On RabbitMQ the channels of :mod:`.exclusivity.rabbitmq`
-        apply a prefetch limit of 1 per partition queue, which Celery
-        reports as the consumer's prefetch count.
+        apply a prefetch limit of ``WINDOW`` per partition queue, which
+        Celery reports as the consumer's prefetch count.
         """
         connection = super().connect()
         BOOK.new_tenure()
         FIGURES.new_tenure()
         if connection.transport.driver_type == "amqp":
-            self.initial_prefetch_count = 1
+            self.initial_prefetch_count = get_settings().window
             consume_declarable_queues(self.app, connection)
         return connection
 
@@ -151,14 +152,20 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
 
+        def start(message: Any) -> Any:
+            if self._unordered_task(message):
+                return None
+            return handle(message)
+
         def on_task_received(message: Any) -> Any:
             if (state.should_stop or state.should_terminate) and _is_amqp(self):
                 # Shutting down: left unacknowledged, RabbitMQ gives it back in its
                 # place to the next consumer when this connection closes.
                 return None
-            if self._unordered_task(message):
-                return None
-            return handle(message)
+            partition = partition_of_message(message)
+            if partition is not None and admit(self, message, partition, lambda: start(message)):
+                return None  # its key's lane starts it
+            return start(message)
 
         return on_task_received
 
@@ -226,10 +233,10 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
                 raise ConfigurationError("ordered workers on Redis need a coordination Redis")
             keeper = c.keeper = LeaseKeeper(client, conf.queue_prefix, partitions, on_tenure=BOOK.new_tenure)
             signals.worker_shutdown.connect(lambda **_: keeper.release_all(), weak=False)
-        self.wake = start_fetching_reliably(c.task_consumer.channel, c.timer)
-        # The reliable fetch takes at most one message per partition queue;
+        self.wake = start_fetching_reliably(c.task_consumer.channel, c.timer, conf.window)
+        # The reliable fetch takes at most a window of messages per partition queue;
         # kombu's BRPOP does not, so it gets one message in all.
-        c.qos.value = len(partitions) if self.wake is not None else 1
+        c.qos.value = len(partitions) * conf.window if self.wake is not None else 1
         c.qos.update()
         for partition in partitions:  # nothing until the leases say so, also after a reconnect
             c.task_consumer.cancel_by_queue(partition_queue(conf.queue_prefix, partition).name)

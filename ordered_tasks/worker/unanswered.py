@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -33,6 +34,8 @@ class Unanswered:
     that was quiet for longer than the interval, and takes the first reply
     it reads for the answer. So the waiting replies are read first whenever
     a health check is due.
+
+    The threads of a process (the threads pool) share it under a lock.
     """
 
     def __init__(self, pool: Any, what: str) -> None:
@@ -43,6 +46,15 @@ class Unanswered:
         self._unread = 0
         #: When a reply was last read on the connection (monotonic; no later than the truth).
         self._read_at = 0.0
+        self._lock_pid = 0
+        self._lock_of_pid = threading.RLock()
+
+    @property
+    def _lock(self) -> threading.RLock:
+        """The lock of the current process (a forked child must not inherit a lock held at the fork)."""
+        if self._lock_pid != os.getpid():
+            self._lock_of_pid, self._lock_pid = threading.RLock(), os.getpid()
+        return self._lock_of_pid
 
     def _conn(self) -> Any:
         if self._pid != os.getpid():
@@ -68,6 +80,10 @@ class Unanswered:
 
     def reset(self) -> None:
         """Drop the connection (after an error); the next command opens a new one."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
         if self._connection is not None and self._pid == os.getpid():
             self._connection.disconnect()
         self._unread = 0
@@ -77,6 +93,10 @@ class Unanswered:
 
         A connection error is raised after a reset, as in :meth:`send` and :meth:`ask`.
         """
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         try:
             connection = self._conn()
             if self._unread:
@@ -88,29 +108,37 @@ class Unanswered:
                 except redis.ResponseError as exc:
                     logger.warning("Redis refused a write of %s: %r", self.what, exc)
         except redis.RedisError:
-            self.reset()
+            self._reset()
             raise
 
     def send(self, *commands: tuple[Any, ...]) -> None:
         """Send ``commands`` without waiting; a connection error is raised after a reset."""
+        with self._lock:
+            self._send(commands)
+
+    def _send(self, commands: tuple[tuple[Any, ...], ...]) -> None:
         try:
             connection = self._conn()
             if self._unread >= UNREAD_LIMIT or (self._unread and self._health_check_due(connection)):
-                self.flush()
+                self._flush()
             connection.send_packed_command(connection.pack_commands(commands))
             self._unread += len(commands)
         except redis.RedisError:
-            self.reset()
+            self._reset()
             raise
 
     def ask(self, *command: Any) -> Any:
         """Send one command and return its reply."""
+        with self._lock:
+            return self._ask(command)
+
+    def _ask(self, command: tuple[Any, ...]) -> Any:
         try:
-            self.flush()
+            self._flush()
             connection = self._conn()
             connection.send_command(*command)
             self._read_at = time.monotonic()
             return connection.read_response()
         except redis.RedisError:
-            self.reset()
+            self._reset()
             raise

@@ -50,16 +50,37 @@ def assert_in_order(results: redis.Redis, run: str, keys: int, per_key: int, red
     assert repeats <= redelivered, f"{repeats} tasks ran twice"
 
 
-def assert_partitions_never_overlap(results: redis.Redis, run: str) -> None:
-    """No two tasks of one partition ran at the same time."""
-    spans: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+def _spans(results: redis.Redis, run: str) -> dict[str, list[tuple[float, float, str]]]:
+    """The recorded (start, end, "key#seq") of each task of ``run``, per key, sorted."""
+    spans: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for entry in results.lrange(f"{run}:spans", 0, -1):
         key, seq, start, end, _pid = entry.split("|")
-        spans[partition_for(key)].append((float(start), float(end), f"{key}#{seq}"))
-    for partition, items in spans.items():
+        spans[key].append((float(start), float(end), f"{key}#{seq}"))
+    for items in spans.values():
         items.sort()
+    return spans
+
+
+def assert_keys_never_overlap(results: redis.Redis, run: str) -> None:
+    """No two tasks of one key ran at the same time."""
+    for key, items in _spans(results, run).items():
         for (_, end, a), (start, _, b) in itertools.pairwise(items):
-            assert start >= end, f"partition {partition}: {b} started before {a} ended"
+            assert start >= end, f"key {key}: {b} started before {a} ended"
+
+
+def overlaps_within_partitions(results: redis.Redis, run: str) -> int:
+    """How many times a task started while a task of another key of its partition ran."""
+    by_partition: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for key, items in _spans(results, run).items():
+        by_partition[partition_for(key)].extend(items)
+    overlaps = 0
+    for items in by_partition.values():
+        items.sort()
+        latest_end = float("-inf")
+        for start, end, _ in items:
+            overlaps += start < latest_end
+            latest_end = max(latest_end, end)
+    return overlaps
 
 
 def fail(results: redis.Redis, run: str, key: str, seq: int, times: int = -1) -> None:

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ordered_tasks.conf import get_settings
-from ordered_tasks.exceptions import OrderedTaskError, UnsafeWorkerOptionError
+from ordered_tasks.exceptions import OrderedTaskError
 from ordered_tasks.worker.launch.options import (
     POOLS,
     check_celery_args,
@@ -28,7 +28,7 @@ class Command(BaseCommand):
 
     help = (
         "Run Celery workers for the ordered partition queues, one task at a time per "
-        "partition, and supervise them. Safe Celery worker options go after '--', for "
+        "key, and supervise them. Safe Celery worker options go after '--', for "
         "example: ordered_worker --processes 4 -- --loglevel INFO -E"
     )
 
@@ -41,8 +41,8 @@ class Command(BaseCommand):
         parser.add_argument("--pool", choices=POOLS, default="prefork",
                             help="Celery pool of each worker (default: prefork).")
         parser.add_argument("--concurrency", type=int, default=1,
-                            help="Pool processes per worker, each running a different "
-                                 "partition's task (prefork only; default: 1).")
+                            help="Pool size of each worker: tasks of different keys it runs at "
+                                 "once (default: 1; solo: 1).")
         parser.add_argument("--hostname", default="ordered@%h",
                             help="Node name template; worker i gets NAME-i@HOST "
                                  "(default: ordered@%%h).")
@@ -73,15 +73,11 @@ class Command(BaseCommand):
         partitions = parse_partitions(options["partitions"], conf.partitions)
         concurrency = options.get("concurrency", 1)
         check_concurrency(concurrency, options["pool"])
-        processes = options["processes"] or max(1, min(os.cpu_count() or 1, len(partitions)) // concurrency)
+        cores = min(os.cpu_count() or 1, len(partitions))
+        # A prefork pool process takes a core; a pool of threads or greenlets shares its worker's.
+        per_worker = cores // concurrency if options["pool"] == "prefork" else cores
+        processes = options["processes"] or max(1, per_worker)
         groups = split_partitions(partitions, processes)
-        smallest = min(len(group) for group in groups)
-        if concurrency > smallest:
-            raise UnsafeWorkerOptionError(
-                f"--concurrency {concurrency} is more than the {smallest} "
-                "partitions of a worker; a worker runs one task per partition at a time, so "
-                "the extra pool processes would sit idle. Lower --concurrency or --processes."
-            )
         children = []
         for index, group in enumerate(groups):
             name = child_hostname(options["hostname"], index)

@@ -126,16 +126,23 @@ class LeaseKeeper:
                 logger.error("Partition leases may lapse: no longer consuming %s.", sorted(self.consuming))
         else:
             held = set(self.leases)
+        channel = task_consumer.channel
         for partition in sorted(self.consuming - held):
             self.consuming.discard(partition)
             task_consumer.cancel_by_queue(partition_queue(self.prefix, partition).name)
+            lanes = getattr(channel, "lanes", None)
+            if lanes is not None:  # what waits in the window is the next owner's now
+                lanes.drop_partition(partition)
         for partition in sorted(held - self.consuming):
             queue = partition_queue(self.prefix, partition)
             fence = self.leases.get(partition, 0)
             # A predecessor's unacknowledged messages, or after a reconnect this worker's own:
             # delivered but not run, or run but with the acknowledgement lost with the
             # connection. The completion ledger recognises the ones that already ran.
-            restored = restore_to_head(task_consumer.channel, queue.name)
+            forget_window = getattr(channel, "forget_window", None)
+            if forget_window is not None:
+                forget_window(queue.name, partition)
+            restored = restore_to_head(channel, queue.name)
             self.on_tenure([partition])
             if not task_consumer.consuming_from(queue.name):
                 task_consumer.add_queue(queue)

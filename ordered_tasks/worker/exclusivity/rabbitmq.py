@@ -1,4 +1,4 @@
-"""RabbitMQ: one unacknowledged message per partition queue, never a cancel, odd queues left alone."""
+"""RabbitMQ: a window of messages per partition queue, never a cancel, odd queues left alone."""
 
 from __future__ import annotations
 
@@ -9,23 +9,25 @@ from kombu.transport import pyamqp
 
 from ...conf import get_settings
 from ...queues import partition_queue
+from ..sequencing.lanes import Lanes
+from ..sequencing.window import new_lanes
 from ..setup import ordered_worker
 
 logger = logging.getLogger(__name__)
 
 
 class Channel(pyamqp.Channel):  # type: ignore[misc]
-    """Kombu's py-amqp channel with the prefetch limit of an ordered worker, and no cancel.
+    """Kombu's py-amqp channel with the window of an ordered worker, and no cancel.
 
-    **One unacknowledged message per consumer.** Celery applies its
-    prefetch limit to the whole channel (``global``): the broker sends the
-    next message only once the last one is acknowledged, so the worker waits
-    a round trip per task; and with several pool processes Celery would
-    allow several messages of one partition at once. Here every
-    ``basic.qos`` sets a limit of 1 per consumer, that is per partition
-    queue: nothing of a partition is delivered behind a message that may
-    still be requeued, while the messages of other partitions already wait
-    when a task ends.
+    **A window of unacknowledged messages per consumer.** Celery applies its
+    prefetch limit to the whole channel (``global``). Here every
+    ``basic.qos`` sets a limit of ``ORDERED_TASKS["WINDOW"]`` per consumer,
+    that is per partition queue, and each delivered message goes to its
+    key's lane (:attr:`lanes`), which starts the messages of one key one at
+    a time, in delivery order; an acknowledgement or reject tells the lanes
+    that the message settled. A message that cannot finish is run again in
+    place rather than requeued, so nothing of a partition is delivered
+    again behind messages that overtook it.
 
     **A partition queue's consumer is never cancelled.** Celery cancels the
     task consumer when it stops (a lost connection), at a warm shutdown and
@@ -45,10 +47,37 @@ class Channel(pyamqp.Channel):  # type: ignore[misc]
 
     #: Consumer tags of the partition queues this channel consumes, with the queue names.
     _partition_consumers: dict[str, str]
+    _lanes: Lanes | None = None
+
+    @property
+    def lanes(self) -> Lanes:
+        """The per-key lanes of the messages delivered on this channel."""
+        if self._lanes is None:
+            self._lanes = new_lanes()
+        return self._lanes
 
     def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, a_global: bool = False,
                   *args: Any, **kwargs: Any) -> Any:
-        return super().basic_qos(0, 1, False)
+        return super().basic_qos(0, get_settings().window, False)
+
+    def basic_ack(self, delivery_tag: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().basic_ack(delivery_tag, *args, **kwargs)
+        finally:
+            if self._lanes is not None:
+                self._lanes.settled(delivery_tag)
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = True, *args: Any, **kwargs: Any) -> Any:
+        if requeue and self._lanes is not None:
+            for follower in self._lanes.recall(delivery_tag):
+                # Later messages of its key that waited in the window go back with it
+                # (RabbitMQ puts each back in its own place), so none runs before it.
+                super().basic_reject(follower.tag, True)  # type: ignore[arg-type]
+        try:
+            return super().basic_reject(delivery_tag, requeue, *args, **kwargs)
+        finally:
+            if self._lanes is not None:
+                self._lanes.settled(delivery_tag)
 
     def basic_consume(self, queue: str = "", consumer_tag: str = "", *args: Any, **kwargs: Any) -> Any:
         tag = super().basic_consume(queue, consumer_tag, *args, **kwargs)

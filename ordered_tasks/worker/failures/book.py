@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import struct
+import threading
 from collections.abc import Iterable
 
 from ...states import KeyStatus
@@ -21,9 +23,9 @@ class Versions:
     replaces a dead one) sees the same counters:
 
     * *changes*: the process that changes a key state of the partition counts
-      it. Only the process running a partition's message does that, and a
-      partition has one message in the worker at a time, so no two
-      processes bump the same counter at once.
+      it. Messages of different keys of a partition run at once, in several
+      pool processes or threads, so a lock made before the fork guards each
+      count.
     * *tenures*: the worker's main process counts each time the partition's
       messages start arriving again after the worker may have lost the
       partition (a new broker connection, a lease acquired). Another worker
@@ -34,6 +36,7 @@ class Versions:
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
         self._memory = mmap.mmap(-1, _COUNTER.size * 2 * max(partitions, 1))
+        self._lock = multiprocessing.Lock()
         #: Main process only: the partitions a message arrived from in their current tenure.
         self._arrived: set[int] = set()
 
@@ -41,7 +44,8 @@ class Versions:
         return int(_COUNTER.unpack_from(self._memory, slot * _COUNTER.size)[0])
 
     def _increment(self, slot: int) -> None:
-        _COUNTER.pack_into(self._memory, slot * _COUNTER.size, self._count(slot) + 1)
+        with self._lock:
+            _COUNTER.pack_into(self._memory, slot * _COUNTER.size, self._count(slot) + 1)
 
     def get(self, partition: int) -> Stamp:
         """The stamp of ``partition``: changes of its key states, and tenures."""
@@ -50,10 +54,13 @@ class Versions:
         return (self._count(2 * partition), self._count(2 * partition + 1))
 
     def bump(self, partition: int) -> Stamp:
-        """Count a change of ``partition``'s key states; return the new stamp."""
-        if 0 <= partition < self.partitions:
-            self._increment(2 * partition)
-        return self.get(partition)
+        """Count a change of ``partition``'s key states; return the new stamp (read with the count)."""
+        if not 0 <= partition < self.partitions:
+            return (0, 0)
+        with self._lock:
+            slot = 2 * partition
+            _COUNTER.pack_into(self._memory, slot * _COUNTER.size, self._count(slot) + 1)
+            return self.get(partition)
 
     def new_tenure(self, partitions: Iterable[int] | None = None) -> None:
         """Main process: the worker (re)gains ``partitions`` (None: all, a new connection).
@@ -86,7 +93,8 @@ class KeyBook:
     process's last change, or than the worker's latest (re)gain of the
     partition, reads the partition again. One query reads every partition
     of the worker whose copy is out of date, so a pool process starts with
-    one query rather than one per partition.
+    one query rather than one per partition. The threads of a process
+    share its book under a lock.
     """
 
     def __init__(self) -> None:
@@ -94,6 +102,7 @@ class KeyBook:
         self._seen: dict[int, Stamp] = {}
         self.versions: Versions | None = None
         self.partitions: tuple[int, ...] = ()
+        self._lock = threading.RLock()
 
     def share(self, versions: Versions, partitions: Iterable[int] = ()) -> None:
         """Use ``versions``, shared with the worker's pool processes (before they fork).
@@ -106,8 +115,9 @@ class KeyBook:
 
     def status(self, key: str, partition: int) -> str:
         """``"active"``, ``"retrying"`` or ``"blocked"``."""
-        held = self._held[partition] if self._current(partition) else self.load(partition)
-        return held.get(key, KeyStatus.ACTIVE.value)
+        with self._lock:
+            held = self._held[partition] if self._current(partition) else self.load(partition)
+            return held.get(key, KeyStatus.ACTIVE.value)
 
     def _current(self, partition: int) -> bool:
         """Whether this book's copy of ``partition`` is up to date."""
@@ -117,6 +127,10 @@ class KeyBook:
 
     def load(self, partition: int) -> dict[str, str]:
         """Read the held keys of ``partition``, and of the worker's other out-of-date partitions."""
+        with self._lock:
+            return self._load(partition)
+
+    def _load(self, partition: int) -> dict[str, str]:
         from ...models import AccountState
 
         stale = {partition, *(p for p in self.partitions if not self._current(p))}
@@ -130,6 +144,10 @@ class KeyBook:
 
     def set(self, key: str, partition: int, status: str) -> None:
         """Record a status the consumer has just written to the database."""
+        with self._lock:
+            self._set(key, partition, status)
+
+    def _set(self, key: str, partition: int, status: str) -> None:
         held = self._held.get(partition)
         if held is not None:
             if status == KeyStatus.ACTIVE:
@@ -155,8 +173,9 @@ class KeyBook:
 
     def forget(self) -> None:
         """Drop everything (the next message of each partition reloads it)."""
-        self._held.clear()
-        self._seen.clear()
+        with self._lock:
+            self._held.clear()
+            self._seen.clear()
 
 
 #: The book of this process.

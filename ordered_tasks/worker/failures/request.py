@@ -15,6 +15,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from ...models import ParkedMessage
 from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
 from ..health.figures import FIGURES
+from ..sequencing.window import hand_back_in_place
 from ..setup import ordered_worker
 from .book import BOOK
 from .unrunnable import hand_over
@@ -63,7 +64,19 @@ class OrderedRequest(Request):  # type: ignore[misc]
         if not self._parking:
             if not self.acknowledged:
                 FIGURES.ended(self)
+            if requeue and self._hand_back_in_place():
+                return
             super().reject(requeue)
+
+    def _hand_back_in_place(self) -> bool:
+        """Run the message again after a pause, still first of its key, instead of requeueing it."""
+        setup = ordered_worker(self.app)
+        if setup is None or setup.consumer is None:
+            return False
+        if hand_back_in_place(setup.consumer, self._message):  # type: ignore[attr-defined]
+            state.task_ready(self)
+            return True
+        return False
 
     def _park(self, reason: str, error: str) -> bool:
         setup = ordered_worker(self.app)
@@ -89,9 +102,9 @@ class OrderedRequest(Request):  # type: ignore[misc]
     def _run_again(self) -> bool:
         """Run the message again in a new pool process, before any later message.
 
-        The message is still unacknowledged and, with prefetch 1, nothing of
-        the partition was delivered after it. After MAX_RERUNS deaths in a row
-        it is parked instead.
+        The message is still unacknowledged and heads its key's lane, so
+        nothing later of its key started. After MAX_RERUNS deaths in a row it
+        is parked instead.
         """
         setup = ordered_worker(self.app)
         pool = setup.pool if setup is not None else None

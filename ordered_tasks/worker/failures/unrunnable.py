@@ -9,6 +9,7 @@ from typing import Any, Callable
 from ...models import ParkedMessage
 from ..delivery import Delivery, queue_partition
 from ..exclusivity.fencing import FENCE
+from ..sequencing.window import hand_back_in_place
 from . import store
 from .book import BOOK
 from .guard import park_misfit
@@ -34,8 +35,11 @@ def hand_over(worker: Any, message: Any, reason: str, error: str,
     Returns False (the caller carries on as Celery would) when the message did
     not come from a partition queue. Parking happens in the process that runs
     the partition's tasks, so that its memory of held keys stays right.
-    ``ack`` and ``requeue`` default to the message's own ``ack`` and
-    ``reject(requeue=True)``.
+    ``ack`` defaults to the message's own ``ack``; ``requeue`` to running
+    the message again in its place (or, out of the lanes, to
+    ``reject(requeue=True)``). Both run on the consumer's event loop, as
+    Celery's own acknowledgements do: the threads pool calls back from its
+    threads.
     """
     partition = partition_of_message(message)
     if partition is None:
@@ -45,16 +49,19 @@ def hand_over(worker: Any, message: Any, reason: str, error: str,
     logger.error("Parking message %s of key %r (%s): %s", delivery.task_id or "?", delivery.key,
                  reason, error)
 
+    consumer = getattr(worker, "consumer", worker)
+    call_soon = getattr(consumer, "call_soon", None) or (lambda fn: fn())
+
+    def hand_back() -> None:
+        if not hand_back_in_place(consumer, message):
+            message.reject(requeue=True)
+
     def parked(_result: Any) -> None:
-        (ack or message.ack)()
+        call_soon(ack or message.ack)
 
     def failed(*exc_info: Any) -> None:
-        logger.critical("Could not park message %s; returning it to its queue: %r",
-                        delivery.task_id or "?", exc_info)
-        if requeue is not None:
-            requeue()
-        else:
-            message.reject(requeue=True)
+        logger.critical("Could not park message %s; handing it back: %r", delivery.task_id or "?", exc_info)
+        call_soon(requeue or hand_back)
 
     keeper = worker.keeper
     fence = keeper.fence_of(partition) if keeper is not None else None

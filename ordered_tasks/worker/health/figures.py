@@ -25,7 +25,7 @@ STALL_REPEAT = 300.0
 
 @dataclass
 class Running:
-    """The task a partition's consumer is running."""
+    """A task a partition's consumer is running."""
 
     task: str
     task_id: str
@@ -39,7 +39,8 @@ class PartitionFigures:
 
     completed: int = 0
     failed: int = 0
-    running: Running | None = None
+    #: Task id -> the partition's tasks running now (several keys at once).
+    running: dict[str, Running] = field(default_factory=dict)
     last_wait: float | None = None
     active: bool = False  #: ran something since the last write
     progress_at: float = 0.0  #: when a task last started or ended here (0: never)
@@ -83,7 +84,7 @@ class Figures:
         now = time.time()
         published = (getattr(request, "_request_dict", None) or {}).get(PUBLISHED_HEADER)
         with self.lock:
-            figures.running = Running(request.name, request.id, key, now)
+            figures.running[request.id] = Running(request.name, request.id, key, now)
             figures.active = True
             figures.progress_at = now
             self.seen.add(partition)
@@ -99,8 +100,7 @@ class Figures:
             figures.completed += 1
             figures.active = True
             figures.progress_at = time.time()
-            if figures.running is not None and figures.running.task_id == request.id:
-                figures.running = None
+            figures.running.pop(request.id, None)
             if key:
                 self.keys_done.add(key)
 
@@ -126,7 +126,8 @@ class Figures:
                 elapsed = now - first_at
                 rate = (figures.completed - first_count) * 60 / elapsed if elapsed > 0 else 0.0
                 if partition in owned or figures.active:
-                    running = figures.running
+                    # The longest-running task: the one to look at when the partition seems stuck.
+                    running = min(figures.running.values(), key=lambda r: r.since, default=None)
                     rows.append({
                         "partition": partition, "completed": figures.completed, "failed": figures.failed,
                         "per_minute": round(rate, 1), "last_wait": figures.last_wait,
@@ -150,7 +151,7 @@ class Figures:
         with self.lock:
             for partition in owned:  # first seen now (a takeover): quiet from now on
                 self.partitions.setdefault(partition, PartitionFigures(progress_at=now))
-            return sorted(p for p in owned if self.partitions[p].running is None
+            return sorted(p for p in owned if not self.partitions[p].running
                           and now - self.partitions[p].progress_at > STALL_AFTER)
 
     def stalls(self, owned: set[int], depths: dict[int, int | None],

@@ -1,4 +1,4 @@
-"""One ordered worker process: a Celery worker running one task at a time per partition.
+"""One ordered worker process: a Celery worker running one task at a time per key.
 
 Started by the ``ordered_worker`` supervisor as
 ``python -m ordered_tasks.worker.launch.child --partitions 0,2 ... -- [celery flags]``.
@@ -24,10 +24,12 @@ def _first_come_first_served(sender: Any = None, **_: object) -> None:
     once the process is idle, so with one process every task waits for a
     round trip between the worker and its pool process. With one process
     there is nothing to be fair about; the messages waiting in the pipe
-    belong to other partitions (one unacknowledged message per partition),
-    and if the process dies, Celery hands them to its replacement. With
+    belong to other keys, and if the process dies, Celery hands them to its replacement. With
     several processes, ``fair`` keeps a message from waiting behind a long
     task while another process is idle.
+
+    The messages in the pipe are of other keys: the lanes start a key's next
+    message only once the one before it settled.
     """
     sender.optimization = "fcfs"
 
@@ -35,8 +37,8 @@ def _first_come_first_served(sender: Any = None, **_: object) -> None:
 def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> list[str]:
     """Make ``app`` a safe ordered worker for ``partitions``; return the queue names.
 
-    With ``concurrency`` above 1 (prefork only), the pool processes run
-    messages of different partitions at once, never two of one partition.
+    The pool (``concurrency`` processes, threads or greenlets) runs messages
+    of different keys at once, never two of one key.
     """
     from ...conf import get_settings
     from ...plugin import install
@@ -137,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_celery_args(args.celery_args)
     check_concurrency(args.concurrency, args.pool)
+    if args.pool == "gevent":  # as ``celery worker -P gevent`` does, before anything opens a socket
+        from gevent import monkey
+
+        monkey.patch_all()
 
     import django
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Sequence
 
 from ...exceptions import UnsafeWorkerOptionError
 
-POOLS = ("prefork", "threads", "solo")
+#: The Celery pools an ordered worker runs (gevent when it is installed).
+POOLS = ("prefork", "threads", "solo", "gevent")
 
 #: Celery worker flags the launcher sets itself or refuses, and why.
 FORBIDDEN_FLAGS: dict[str, str] = {
@@ -18,8 +20,8 @@ FORBIDDEN_FLAGS: dict[str, str] = {
     "--queues": "the launcher chooses the partition queues; use --partitions",
     "-X": "the launcher chooses the partition queues; use --partitions",
     "--exclude-queues": "the launcher chooses the partition queues; use --partitions",
-    "-P": "use the launcher's own --pool option (prefork, threads or solo)",
-    "--pool": "use the launcher's own --pool option (prefork, threads or solo)",
+    "-P": "use the launcher's own --pool option (prefork, threads, solo or gevent)",
+    "--pool": "use the launcher's own --pool option (prefork, threads, solo or gevent)",
     "-B": "run celery beat as its own process",
     "--beat": "run celery beat as its own process",
     "-O": "the launcher sets the scheduling of its workers' pools",
@@ -56,11 +58,13 @@ def check_concurrency(concurrency: int, pool: str) -> None:
     """Refuse a pool size ordered workers cannot run safely."""
     if concurrency < 1:
         raise UnsafeWorkerOptionError("--concurrency must be at least 1.")
-    if concurrency > 1 and pool != "prefork":
+    if concurrency > 1 and pool == "solo":
         raise UnsafeWorkerOptionError(
-            f"--concurrency {concurrency} needs the prefork pool; with --pool {pool} "
-            "each worker runs one task at a time. Use --processes to add workers."
+            f"--concurrency {concurrency} needs a pool: --pool solo runs one task at a time. "
+            "Use --pool threads (or prefork, or gevent), or --processes to add workers."
         )
+    if pool == "gevent" and importlib.util.find_spec("gevent") is None:
+        raise UnsafeWorkerOptionError("--pool gevent needs gevent: pip install gevent.")
 
 
 def parse_partitions(spec: str | None, total: int) -> list[int]:

@@ -15,14 +15,15 @@ from ..unanswered import Unanswered
 
 logger = logging.getLogger(__name__)
 
-#: How many completed task ids each partition remembers (at least).
+#: How many completed task ids each partition remembers (at least; more with a large
+#: ``WINDOW``: four windows, since that many messages may come back after a crash).
 LEDGER_SIZE = 1000
 #: The set is trimmed back to ``LEDGER_SIZE`` every this many writes of a process.
 TRIM_EVERY = 64
 
 
 class Ledger:
-    """Per partition, the ids of the last :data:`LEDGER_SIZE` tasks completed on its consumer.
+    """Per partition, the ids of the last tasks completed on its consumer (:data:`LEDGER_SIZE` or more).
 
     Usually a redelivered copy of a completed task is the partition's very
     last one (its worker died before acknowledging it), but an
@@ -35,6 +36,7 @@ class Ledger:
         self.prefix = prefix
         self.writes = 0
         self.writer = Unanswered(client.connection_pool, "the completion ledger")
+        self.size = max(LEDGER_SIZE, 4 * get_settings().window)
 
     def _key(self, partition: int) -> str:
         return f"ordered_tasks:completed:{queue_name(self.prefix, partition)}"
@@ -55,7 +57,7 @@ class Ledger:
         self.writes += 1
         commands: list[tuple[Any, ...]] = [("ZADD", key, time.time(), task_id)]
         if self.writes % TRIM_EVERY == 0:
-            commands.append(("ZREMRANGEBYRANK", key, 0, -LEDGER_SIZE - 1))
+            commands.append(("ZREMRANGEBYRANK", key, 0, -self.size - 1))
         try:
             self.writer.send(*commands)
         except redis.RedisError as exc:

@@ -12,8 +12,9 @@ from uuid import uuid4
 
 import redis
 from kombu.transport import redis as kombu_redis
-from kombu.transport.virtual.base import QoS as VirtualQoS
 
+from ..sequencing.lanes import Lanes
+from ..sequencing.window import new_lanes
 from ..unanswered import Unanswered
 from .qos import HeadQoS
 
@@ -83,11 +84,13 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     at the head. The script does not block: after an empty fetch the channel
     waits :data:`IDLE_WAIT` seconds before the next one.
 
-    It fetches only from queues without an unacknowledged message on this
-    channel: each partition has at most one message in the worker, so a
-    message that is handed back to the head of its queue is never overtaken
-    by a later one of its partition, while other partitions' messages are
-    already fetched when a task ends.
+    It fetches only from queues with fewer than ``window`` unacknowledged
+    messages on this channel (the partition's window), and gives each one
+    to its key's lane (:attr:`lanes`), which starts the messages of one key
+    one at a time, in the order they were fetched. Each fetch records the
+    time of delivery, later than the one before it on this channel, so that
+    a takeover puts a partition's unacknowledged messages back at the head
+    in the order they were fetched.
 
     The script is sent once per connection, then called by its hash. Other
     channels of the transport (Celery's gossip, its remote control) keep
@@ -97,6 +100,10 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = HeadQoS
     #: Whether this channel fetches with the script (see :meth:`fetch_reliably`).
     fetches_reliably = False
+    #: Unacknowledged messages this channel holds per partition queue, at most.
+    window = 1
+    _lanes: Lanes | None = None
+    _fetched_at = 0.0
     #: The Redis connection that has been sent the script (None: send it with the next fetch).
     _script_on: Any = None
     _idle_until = 0.0
@@ -105,9 +112,24 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     #: Delivery tags whose acknowledgement could not be sent (sent again by the timer).
     _unsent: list[str] | None = None
 
-    def fetch_reliably(self) -> None:
-        """Fetch with the script from now on (the task channel of an ordered worker)."""
+    def fetch_reliably(self, window: int = 1) -> None:
+        """Fetch with the script from now on, at most ``window`` messages per queue."""
         self.fetches_reliably = True
+        self.window = max(1, window)
+
+    @property
+    def lanes(self) -> Lanes | None:
+        """The per-key lanes of the messages this channel fetched (the task channel only)."""
+        if self._lanes is None and self.fetches_reliably:
+            self._lanes = new_lanes()
+        return self._lanes
+
+    def forget_window(self, queue: str, partition: int) -> None:
+        """A new tenure of ``partition``: what this channel held of it went back to its queue."""
+        if self._lanes is not None:
+            self._lanes.drop_partition(partition)
+        qos: Any = self.qos
+        qos.forget_queue(queue)
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if not self.fetches_reliably:
@@ -115,8 +137,9 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         if monotonic() < self._idle_until:
             return
         channel: Any = self  # kombu is untyped
-        busy = _unacknowledged_queues(channel.qos)
-        queues = [q for q in channel._queue_cycle.consume(len(channel.active_queues)) if q not in busy]
+        in_window, window = channel.qos.in_window, self.window
+        cycle = channel._queue_cycle.consume(len(channel.active_queues))
+        queues = [q for q in cycle if in_window[q] < window]
         if not queues:
             return
         prefix = channel.global_keyprefix or ""
@@ -126,7 +149,8 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         connection = channel.client.connection
         channel._in_poll = connection
         channel._brpop_sent_at = monotonic()
-        arguments = (len(keys), *keys, time(), uuid4().hex, *names)
+        self._fetched_at = max(time(), self._fetched_at + 1e-6)  # never earlier than the last fetch
+        arguments = (len(keys), *keys, repr(self._fetched_at), uuid4().hex, *names)
         if self._script_on is connection:
             connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
         else:  # Redis caches the script as it runs it
@@ -183,7 +207,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
                 logger.warning("Still cannot acknowledge message %s on Redis: %r", tag, exc)
                 return
             del self._unsent[0]
-            VirtualQoS.ack(channel.qos, tag)
+            channel.qos.acknowledged(tag)
             logger.warning("Acknowledged message %s on Redis at a later attempt; its partition "
                            "goes on.", tag)
 
@@ -213,17 +237,7 @@ class ReliableSentinelChannel(ReliableChannel, kombu_redis.SentinelChannel):  # 
     """The reliable fetch on a channel that finds its Redis master through Sentinel."""
 
 
-def _unacknowledged_queues(qos: Any) -> set[str]:
-    """The queues of the messages this channel holds unacknowledged.
-
-    Partition queues are bound with their own name as routing key.
-    """
-    dirty = qos._dirty
-    return {message.delivery_info.get("routing_key") for tag, message in qos._delivered.items()
-            if tag not in dirty}
-
-
-def start_fetching_reliably(channel: Any, timer: Any) -> Any:
+def start_fetching_reliably(channel: Any, timer: Any, window: int = 1) -> Any:
     """Turn on the reliable fetch of a worker's task channel, if it is one of ordered_tasks' Redis channels.
 
     Returns the timer entry that wakes the event loop while the channel
@@ -233,6 +247,6 @@ def start_fetching_reliably(channel: Any, timer: Any) -> Any:
     """
     if not isinstance(channel, ReliableChannel):
         return None
-    channel.fetch_reliably()
+    channel.fetch_reliably(window)
     # The event loop polls the channels again after every timer.
     return timer.call_repeatedly(IDLE_WAIT, channel.send_unsent_acknowledgements, priority=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -19,6 +20,10 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
     restored at shutdown either: the next lease holder puts a worker's
     unacknowledged messages back at the head.
 
+    It also counts the messages each queue has in the window, and tells the
+    channel's lanes when a message settles, so that its key's next message
+    starts.
+
     Celery acknowledges through a callback that can run after the broker
     connection was lost and the channel closed; kombu then raises
     ``AttributeError``, which stops the worker. Here it is a warning: the
@@ -29,12 +34,41 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
 
     restore_at_shutdown = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Delivery tag -> queue, of the unacknowledged messages that take a place in their
+        #: queue's window (a retry's wake-up waiting for its time does not).
+        self._placed: dict[str, str] = {}
+        #: Queue -> unacknowledged messages that take a place in its window.
+        self.in_window: Counter[str] = Counter()
+
     def append(self, message: Any, delivery_tag: str) -> None:
         if getattr(self.channel, "fetches_reliably", False):
             # The fetch script recorded it as unacknowledged already: save the round trip.
             VirtualQoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
+        queue = (message.delivery_info or {}).get("routing_key")
+        if isinstance(queue, str) and delivery_tag not in self._placed:
+            self._placed[delivery_tag] = queue
+            self.in_window[queue] += 1
+
+    def hold(self, delivery_tag: str) -> None:
+        """The message waits for its time outside the window (it stays unacknowledged)."""
+        queue = self._placed.pop(delivery_tag, None)
+        if queue is not None:
+            self.in_window[queue] -= 1
+
+    def forget_queue(self, queue: str) -> None:
+        """Drop what this channel holds of ``queue``: its records went back to the queue with a new tenure."""
+        for tag in [t for t, q in self._placed.items() if q == queue]:
+            self.hold(tag)
+            self._delivered.pop(tag, None)  # type: ignore[union-attr]
+
+    def acknowledged(self, delivery_tag: str) -> None:
+        """Redis took the acknowledgement: forget the message here."""
+        VirtualQoS.ack(self, delivery_tag)
+        self.hold(delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
         if self._closed("acknowledge", delivery_tag):
@@ -42,17 +76,31 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         forget = getattr(self.channel, "forget", None)
         if forget is not None:
             if forget(delivery_tag):  # else it is sent again later
-                VirtualQoS.ack(self, delivery_tag)
+                self.acknowledged(delivery_tag)
         else:
             super().ack(delivery_tag)
+            self.hold(delivery_tag)
+        self._settled(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if self._closed("reject", delivery_tag):
             return
         if requeue:
+            lanes = getattr(self.channel, "lanes", None)
+            for follower in reversed(lanes.recall(delivery_tag) if lanes is not None else []):
+                # Later messages of its key that waited in the window go back first, so
+                # that it ends up in front of them.
+                _requeue_at_head(self, follower.tag)
             _requeue_at_head(self, delivery_tag)
         else:
             super().reject(delivery_tag, requeue=False)
+        self.hold(delivery_tag)
+        self._settled(delivery_tag)
+
+    def _settled(self, delivery_tag: str) -> None:
+        lanes = getattr(self.channel, "lanes", None)
+        if lanes is not None:
+            lanes.settled(delivery_tag)
 
     def _closed(self, what: str, delivery_tag: str) -> bool:
         """Whether the channel closed with its broker connection (the message is then left alone)."""
@@ -69,3 +117,4 @@ def _requeue_at_head(qos: Any, delivery_tag: str) -> None:
     """Move an unacknowledged message back to the head of its queue and forget it here."""
     qos.restore_by_tag(delivery_tag, leftmost=False)
     VirtualQoS.ack(qos, delivery_tag)
+    qos.hold(delivery_tag)

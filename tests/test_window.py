@@ -1,0 +1,191 @@
+"""A partition's consumer runs many keys at once, each key one task at a time, with every pool."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.conftest import eventually, wait_done
+from tests.support.workload import (
+    ORDERED,
+    T,
+    assert_in_order,
+    assert_keys_never_overlap,
+    fail,
+    overlaps_within_partitions,
+    ran,
+    same_partition_keys,
+    status,
+)
+
+pytestmark = pytest.mark.e2e
+
+POOLS = [
+    pytest.param(("threads", 8), id="threads8"),
+    pytest.param(("prefork", 3), id="prefork3"),
+    pytest.param(("solo", 1), id="solo"),
+    pytest.param(("gevent", 20), id="gevent20", marks=pytest.mark.skipif(
+        importlib.util.find_spec("gevent") is None, reason="gevent is not installed")),
+]
+
+
+def publish_keys(app: Celery, run: str, keys: list[str], per_key: int, sleep: float, seed: int = 3) -> int:
+    """Publish ``per_key`` tasks of each key, randomly interleaved, each sleeping ``sleep`` seconds."""
+    rng = random.Random(seed)
+    sent = dict.fromkeys(keys, 0)
+    task = app.tasks[ORDERED]
+    with app.producer_or_acquire() as producer:
+        while any(n < per_key for n in sent.values()):
+            key = rng.choice([k for k, n in sent.items() if n < per_key])
+            sent[key] += 1
+            task.apply_async(kwargs={"run": run, "key": key, "seq": sent[key], "sleep": sleep},
+                             producer=producer)
+    return len(keys) * per_key
+
+
+def assert_keys_in_order(results: redis.Redis, run: str, keys: list[str], per_key: int) -> None:
+    for key in keys:
+        assert ran(results, run, key) == list(range(1, per_key + 1)), key
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_keys_of_one_partition_run_at_once_and_each_key_in_order(
+        app: Celery, start_workers: Any, results: redis.Redis, pool: tuple[str, int]) -> None:
+    name, concurrency = pool
+    run = uuid.uuid4().hex
+    start_workers(1, "--pool", name, "--concurrency", str(concurrency))
+    total = publish_interleaved_sleeping(app, run, keys=40, per_key=8, sleep=0.02)
+    assert wait_done(results, run, total, timeout=120) == total
+    assert_in_order(results, run, keys=40, per_key=8)
+    assert_keys_never_overlap(results, run)
+    overlaps = overlaps_within_partitions(results, run)
+    if concurrency > 1:
+        assert overlaps > 0, "no two keys of a partition ran at the same time"
+    else:
+        assert overlaps == 0, "a pool of one ran two tasks at once"
+
+
+def publish_interleaved_sleeping(app: Celery, run: str, keys: int, per_key: int, sleep: float) -> int:
+    return publish_keys(app, run, [f"k{n}" for n in range(keys)], per_key, sleep)
+
+
+def test_a_slow_task_holds_only_its_own_key(app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    """One partition, one key with a slow task: the other keys of the partition run past it."""
+    run = uuid.uuid4().hex
+    slow, *others = same_partition_keys(6)
+    start_workers(1, "--pool", "threads", "--concurrency", "4")
+    task = app.tasks[ORDERED]
+    task.apply_async(kwargs={"run": run, "key": slow, "seq": 1, "sleep": 3.0})
+    task.apply_async(kwargs={"run": run, "key": slow, "seq": 2, "sleep": 0.0})
+    for key in others:
+        for seq in (1, 2, 3):
+            task.apply_async(kwargs={"run": run, "key": key, "seq": seq, "sleep": 0.0})
+    eventually(lambda: all(ran(results, run, k) == [1, 2, 3] for k in others), timeout=30,
+               what="the other keys of the partition")
+    assert ran(results, run, slow) == [], "the slow key's tasks ended before its first one could"
+    assert wait_done(results, run, 2 + 3 * len(others), timeout=30) == 2 + 3 * len(others)
+    assert ran(results, run, slow) == [1, 2]
+
+
+def test_a_retry_and_a_block_in_the_middle_of_a_window(
+        app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    """Keys of one partition: one retries in place, one blocks; the others flow; each keeps its order."""
+    from ordered_tasks.actions import replay
+
+    run = uuid.uuid4().hex
+    retrying, blocked, *others = same_partition_keys(8)
+    fail(results, run, retrying, 2, times=2)  # retried in place after 1 s and 2 s
+    fail(results, run, blocked, 2, times=1)  # blocks its key, parks the rest
+    start_workers(1, "--pool", "threads", "--concurrency", "6")
+    with app.producer_or_acquire() as producer:
+        for seq in range(1, 6):
+            for key in (retrying, *others):
+                app.tasks[T + "autoretry_step"].apply_async(
+                    kwargs={"run": run, "key": key, "seq": seq, "sleep": 0.05}, producer=producer)
+            app.tasks[T + "strict_step"].apply_async(
+                kwargs={"run": run, "key": blocked, "seq": seq}, producer=producer)
+    eventually(lambda: all(ran(results, run, k) == [1, 2, 3, 4, 5] for k in others), timeout=30,
+               what="the keys that did not fail")
+    eventually(lambda: status(blocked) == "blocked" and ran(results, run, blocked) == [1], timeout=30,
+               what="the blocked key")
+    eventually(lambda: ran(results, run, retrying) == [1, 2, 3, 4, 5], timeout=40, what="the retried key")
+    assert int(results.get(f"{run}:attempts:{retrying}:2") or 0) == 3
+    replay(blocked)
+    eventually(lambda: ran(results, run, blocked) == [1, 2, 3, 4, 5], timeout=30, what="the replayed key")
+    assert status(blocked) == "active"
+    assert_keys_never_overlap(results, run)
+
+
+@pytest.mark.parametrize("pool", [pytest.param(("threads", 8), id="threads8"),
+                                  pytest.param(("prefork", 3), id="prefork3")])
+def test_a_warm_shutdown_with_a_full_window_loses_nothing_and_runs_nothing_twice(
+        app: Celery, start_workers: Any, results: redis.Redis, pool: tuple[str, int]) -> None:
+    name, concurrency = pool
+    run = uuid.uuid4().hex
+    keys = [f"w{n}" for n in range(30)]
+    first = start_workers(1, "--pool", name, "--concurrency", str(concurrency))
+    total = publish_keys(app, run, keys, per_key=6, sleep=0.1)
+    eventually(lambda: int(results.get(f"{run}:done") or 0) >= 20, timeout=60, what="a first share")
+    first.process.send_signal(signal.SIGTERM)  # warm: running tasks finish, the rest goes back
+    assert first.process.wait(60) == 0
+    done_at_stop = int(results.get(f"{run}:done") or 0)
+    assert done_at_stop < total, "everything ran before the stop: the test proves nothing"
+    start_workers(1, "--pool", name, "--concurrency", str(concurrency))
+    assert wait_done(results, run, total, timeout=120) == total
+    time.sleep(0.5)
+    assert int(results.get(f"{run}:done") or 0) == total, "a task ran twice"
+    assert_keys_in_order(results, run, keys, per_key=6)
+    assert_keys_never_overlap(results, run)
+
+
+@pytest.mark.parametrize("pool", [pytest.param(("threads", 8), id="threads8"),
+                                  pytest.param(("prefork", 3), id="prefork3")])
+def test_sigkill_with_a_full_window_loses_nothing_and_keeps_order(
+        app: Celery, start_workers: Any, results: redis.Redis, pool: tuple[str, int]) -> None:
+    """Kill the whole worker (all its processes) while its windows are full, three times."""
+    name, concurrency = pool
+    run = uuid.uuid4().hex
+    keys = [f"x{n}" for n in range(40)]
+    publish_keys(app, run, keys, per_key=10, sleep=0.02)
+    kills = 3
+    for _kill in range(kills):
+        workers = start_workers(1, "--pool", name, "--concurrency", str(concurrency))
+        before = int(results.get(f"{run}:done") or 0)
+        eventually(lambda before=before: int(results.get(f"{run}:done") or 0) >= before + 30, timeout=60,
+                   what="progress before the kill")
+        for pid in [*workers.child_pids(), workers.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                for grandchild in _children(pid):
+                    os.kill(grandchild, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+        workers.process.wait(30)
+    start_workers(1, "--pool", name, "--concurrency", str(concurrency))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+            len(set(ran(results, run, k))) == 10 for k in keys):
+        time.sleep(0.2)
+    repeats = 0
+    for key in keys:
+        seqs = ran(results, run, key)
+        collapsed = [s for i, s in enumerate(seqs) if i == 0 or s != seqs[i - 1]]
+        repeats += len(seqs) - len(collapsed)
+        assert collapsed == list(range(1, 11)), f"{key} ran as {seqs}"
+    # A task killed after its effect and before the completion ledger noted it runs again.
+    assert repeats <= kills * concurrency, f"{repeats} tasks ran twice"
+    assert_keys_never_overlap(results, run)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
