@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
+from typing import Callable
 
 import pytest
+from kombu.asynchronous import Hub
 
+from ordered_tasks.worker.sequencing.handoff import LoopCalls
 from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes
 
 
@@ -161,3 +166,57 @@ def test_random_interleavings_keep_each_key_in_order_and_alone() -> None:
                 lanes.admit(tag, 0, key, lambda tag=tag, key=key: start(tag, key))
         for key, numbers in order.items():
             assert numbers == sorted(numbers), key
+
+
+def _run_hub_until(hub: Hub, done: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    loop = hub.create_loop()
+    while not done():
+        assert time.monotonic() < deadline, "the event loop did not run the call"
+        next(loop)
+
+
+def test_a_settle_in_a_pool_thread_starts_the_next_message_on_the_event_loop() -> None:
+    hub = Hub()
+    calls = LoopCalls()
+    calls.attach(hub)
+    started_in: list[int] = []
+    lanes = Lanes(run_on_loop=calls.call)
+    lanes.admit("a1", 0, "a", lambda: None)
+    lanes.admit("a2", 0, "a", lambda: started_in.append(threading.get_ident()))
+    pool_thread = threading.Thread(target=lanes.settled, args=("a1",))
+    pool_thread.start()
+    pool_thread.join(5)
+    assert started_in == [], "the next message started in the pool thread"
+    _run_hub_until(hub, lambda: bool(started_in))
+    assert started_in == [threading.get_ident()]
+    hub.close()
+
+
+def test_loop_calls_wake_a_loop_that_waits_on_nothing_else() -> None:
+    hub = Hub()
+    calls = LoopCalls()
+    calls.attach(hub)
+    ran: list[int] = []
+    threading.Timer(0.2, calls.call, args=(lambda: ran.append(1),)).start()
+    # No timer is due in this hub: only the pipe can wake its poll.
+    start = time.monotonic()
+    _run_hub_until(hub, lambda: bool(ran), timeout=5)
+    assert time.monotonic() - start < 2, "the loop slept past the call"
+    hub.close()
+
+
+def test_calls_from_many_threads_all_run_on_the_loop_once() -> None:
+    hub = Hub()
+    calls = LoopCalls()
+    calls.attach(hub)
+    ran: list[int] = []
+    threads = [threading.Thread(target=lambda n=n: [calls.call(lambda n=n, i=i: ran.append(n * 100 + i))
+                                                    for i in range(100)]) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    _run_hub_until(hub, lambda: len(ran) >= 800)
+    assert sorted(ran) == sorted(n * 100 + i for n in range(8) for i in range(100))
+    hub.close()

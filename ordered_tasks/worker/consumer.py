@@ -24,6 +24,7 @@ from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
 from .failures.unrunnable import hand_over, partition_of_message
 from .health.figures import FIGURES
+from .sequencing.handoff import LOOP
 from .sequencing.window import admit
 from .setup import ordered_worker
 from .transport.fetch import start_fetching_reliably
@@ -150,7 +151,13 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         super().cancel_task_queue(queue)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler, with each message of a partition queue started by its key's lane.
+
+        Called on the event loop's thread as the loop starts (again, after a
+        reconnection): pool threads hand starts to this loop.
+        """
         handle = super().create_task_handler(*args, **kwargs)
+        LOOP.attach(getattr(self, "hub", None))
 
         def start(message: Any) -> Any:
             if self._unordered_task(message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
@@ -60,15 +61,23 @@ class Lanes:
     once unless an earlier message of its key has not settled yet (been
     acknowledged or rejected: it succeeded, was parked, or moved to
     retrying), in which case it waits. :meth:`settled` starts the key's
-    next message. Called from the consumer's event loop only.
+    next message.
+
+    Messages start on the consumer's event loop only: a settle in a pool
+    thread (the threads pool acknowledges there) updates the lanes under
+    their lock and hands the start to the loop through ``run_on_loop``.
 
     ``may_start`` is asked before a waiting message starts: while the
     worker shuts down, nothing more starts and the rest of the window stays
     unacknowledged, to come back in its place.
     """
 
-    def __init__(self, may_start: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, may_start: Callable[[], bool] = lambda: True,
+                 run_on_loop: Callable[[Callable[[], Any]], None] | None = None) -> None:
         self.may_start = may_start
+        #: Runs a callable on the event loop's thread (now, when called there).
+        self.run_on_loop = run_on_loop or (lambda fn: fn())
+        self._lock = threading.RLock()
         self._partitions: dict[int, _Partition] = {}
         self._by_tag: dict[Hashable, Entry] = {}
         self._to_start: deque[Entry] = deque()
@@ -81,9 +90,10 @@ class Lanes:
               message: Any = None) -> None:
         """A message of ``partition`` and ``key`` (``BARRIER``: unknown) was delivered."""
         entry = Entry(tag, partition, key, start, message)
-        self._by_tag[tag] = entry
-        self._place(self._partitions.setdefault(partition, _Partition()), entry)
-        self._run()
+        with self._lock:
+            self._by_tag[tag] = entry
+            self._place(self._partitions.setdefault(partition, _Partition()), entry)
+        self.run_on_loop(self._run)
 
     def _place(self, lanes: _Partition, entry: Entry) -> None:
         if lanes.barrier is not None:
@@ -103,13 +113,15 @@ class Lanes:
 
         Returns its entry, or None for a message that is not (or no longer) in a lane.
         """
-        entry = self._by_tag.pop(tag, None)
-        if entry is None:
-            return None
-        lanes = self._partitions.get(entry.partition)
+        with self._lock:
+            entry = self._by_tag.pop(tag, None)
+            if entry is None:
+                return None
+            lanes = self._partitions.get(entry.partition)
+            if lanes is not None:
+                self._remove(lanes, entry)
         if lanes is not None:
-            self._remove(lanes, entry)
-            self._run()
+            self.run_on_loop(self._run)
         return entry
 
     def recall(self, tag: Hashable) -> list[Entry]:
@@ -120,14 +132,15 @@ class Lanes:
         last goes first), so that none of them runs before it. Nothing
         starts. Empty for a message that is not running.
         """
-        entry = self._by_tag.get(tag)
-        lanes = self._partitions.get(entry.partition) if entry is not None else None
-        if entry is None or lanes is None or not entry.started or entry.key is BARRIER:
-            return []
-        followers = list(lanes.waiting.pop(entry.key, ()))
-        for follower in followers:
-            self._by_tag.pop(follower.tag, None)
-        return followers
+        with self._lock:
+            entry = self._by_tag.get(tag)
+            lanes = self._partitions.get(entry.partition) if entry is not None else None
+            if entry is None or lanes is None or not entry.started or entry.key is BARRIER:
+                return []
+            followers = list(lanes.waiting.pop(entry.key, ()))
+            for follower in followers:
+                self._by_tag.pop(follower.tag, None)
+            return followers
 
     def _remove(self, lanes: _Partition, entry: Entry) -> None:
         key = entry.key
@@ -158,30 +171,35 @@ class Lanes:
                 lanes.behind.remove(entry)
 
     def _run(self) -> None:
-        """Start the entries due to start, in order; re-entrant calls only queue more."""
+        """Start the entries due to start, in order (on the loop); re-entrant calls only queue more."""
         if self._starting:
             return
         self._starting = True
         try:
-            while self._to_start:
-                entry = self._to_start.popleft()
-                if entry.started or self._by_tag.get(entry.tag) is not entry:
-                    continue
-                if not self.may_start():
-                    self._to_start.clear()  # the rest of the window goes back in place
-                    return
-                entry.started = True
+            while True:
+                with self._lock:
+                    if not self._to_start:
+                        return
+                    entry = self._to_start.popleft()
+                    if entry.started or self._by_tag.get(entry.tag) is not entry:
+                        continue
+                    if not self.may_start():
+                        self._to_start.clear()  # the rest of the window goes back in place
+                        return
+                    entry.started = True
                 entry.start()
         finally:
             self._starting = False
 
     def is_running(self, tag: Hashable) -> bool:
         """Whether ``tag`` is the started, unsettled message of its lane."""
-        entry = self._by_tag.get(tag)
-        return entry is not None and entry.started
+        with self._lock:
+            entry = self._by_tag.get(tag)
+            return entry is not None and entry.started
 
     def entry(self, tag: Hashable) -> Entry | None:
-        return self._by_tag.get(tag)
+        with self._lock:
+            return self._by_tag.get(tag)
 
     def drop_partition(self, partition: int) -> list[Entry]:
         """Forget the lanes of ``partition`` (the worker lost it, or gets it back anew); return its entries.
@@ -190,17 +208,19 @@ class Lanes:
         back to the queue with the partition (the next owner, or this worker
         in its next tenure, restores them at the head in delivery order).
         """
-        lanes = self._partitions.pop(partition, None)
-        if lanes is None:
-            return []
-        dropped = list(lanes.entries())
-        for entry in dropped:
-            if self._by_tag.get(entry.tag) is entry:
-                del self._by_tag[entry.tag]
-        return dropped
+        with self._lock:
+            lanes = self._partitions.pop(partition, None)
+            if lanes is None:
+                return []
+            dropped = list(lanes.entries())
+            for entry in dropped:
+                if self._by_tag.get(entry.tag) is entry:
+                    del self._by_tag[entry.tag]
+            return dropped
 
     def counts(self) -> dict[int, tuple[int, int]]:
         """Per partition: messages running (started, unsettled) and waiting."""
-        return {p: (sum(1 for e in lanes.entries() if e.started),
-                    sum(1 for e in lanes.entries() if not e.started))
-                for p, lanes in self._partitions.items()}
+        with self._lock:
+            return {p: (sum(1 for e in lanes.entries() if e.started),
+                        sum(1 for e in lanes.entries() if not e.started))
+                    for p, lanes in self._partitions.items()}

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from celery.worker import state
 
 from ...options import KEY_HEADER
+from .handoff import LOOP
 from .lanes import BARRIER, Lanes
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ def worker_running() -> bool:
 
 
 def new_lanes() -> Lanes:
-    """The lanes of one channel: nothing more starts once the worker shuts down."""
-    return Lanes(may_start=worker_running)
+    """The lanes of one channel: messages start on the event loop, and not once the worker shuts down."""
+    return Lanes(may_start=worker_running, run_on_loop=LOOP.call)
 
 
 def lanes_of(message: Any) -> Lanes | None:
