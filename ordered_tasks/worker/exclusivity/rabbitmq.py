@@ -101,13 +101,39 @@ class Connection(pyamqp.Connection):  # type: ignore[misc]
     Channel = Channel
 
 
-class Transport(pyamqp.Transport):  # type: ignore[misc]
+#: Deliveries already received that one drain hands on at most, after the one it waited for.
+DRAIN_MORE = 64
+#: How long such a drain waits for a further delivery (seconds).
+DRAIN_MORE_WAIT = 0.0005
+
+
+class DrainsWhatArrived:
+    """A drain hands on every delivery that already arrived, not only the first.
+
+    Celery's loop for green pools (gevent, eventlet) drains one delivery
+    per turn and then waits up to 0.1 s on its event connection, so a
+    worker that holds a window of messages would start one message per
+    0.1 s. The prefork and threads pools read through kombu's event loop
+    and never call this.
+    """
+
+    def drain_events(self, connection: Any, **kwargs: Any) -> Any:
+        result = super().drain_events(connection, **kwargs)  # type: ignore[misc]
+        for _ in range(DRAIN_MORE):
+            try:
+                super().drain_events(connection, timeout=DRAIN_MORE_WAIT)  # type: ignore[misc]
+            except TimeoutError:  # nothing more yet (a frame read in part stays buffered)
+                break
+        return result
+
+
+class Transport(DrainsWhatArrived, pyamqp.Transport):  # type: ignore[misc]
     """Kombu's py-amqp transport, with the channels of an ordered worker."""
 
     Connection = Connection
 
 
-class SSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
+class SSLTransport(DrainsWhatArrived, pyamqp.SSLTransport):  # type: ignore[misc]
     """Kombu's py-amqp transport over TLS (``amqps://``), with the channels of an ordered worker."""
 
     Connection = Connection
