@@ -156,7 +156,7 @@ class Workers:
             env["TEST_WINDOW"] = str(window)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "django", "ordered_worker", "--processes", str(processes),
-             "--hostname", f"{self.name}@%h", *extra, "--", "--loglevel", "WARNING",
+             "--hostname", f"{self.name}@%h", *extra, "--", "--loglevel", os.environ.get("TEST_WORKER_LOGLEVEL", "WARNING"),
              "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=env)
 

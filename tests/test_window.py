@@ -121,7 +121,7 @@ def test_a_retry_and_a_block_in_the_middle_of_a_window(
                what="the blocked key")
     eventually(lambda: ran(results, run, retrying) == [1, 2, 3, 4, 5], timeout=40, what="the retried key")
     assert int(results.get(f"{run}:attempts:{retrying}:2") or 0) == 3
-    replay(blocked)
+    replay(blocked, app=app)
     eventually(lambda: ran(results, run, blocked) == [1, 2, 3, 4, 5], timeout=30, what="the replayed key")
     assert status(blocked) == "active"
     assert_keys_never_overlap(results, run)
@@ -157,13 +157,13 @@ def test_sigkill_with_a_full_window_loses_nothing_and_keeps_order(
     name, concurrency = pool
     run = uuid.uuid4().hex
     keys = [f"x{n}" for n in range(40)]
-    publish_keys(app, run, keys, per_key=10, sleep=0.02)
+    total = publish_keys(app, run, keys, per_key=10, sleep=0.2)
     kills = 3
-    for _kill in range(kills):
+    for kill in range(kills):
         workers = start_workers(1, "--pool", name, "--concurrency", str(concurrency))
-        before = int(results.get(f"{run}:done") or 0)
-        eventually(lambda before=before: int(results.get(f"{run}:done") or 0) >= before + 30, timeout=60,
-                   what="progress before the kill")
+        done = eventually(lambda kill=kill: _done(results, run) >= 20 * (kill + 1) and _done(results, run),
+                          timeout=60, what="progress before the kill")
+        assert done < total, "the backlog drained before the kill: nothing was in flight"
         for pid in [*workers.child_pids(), workers.process.pid]:
             with contextlib.suppress(ProcessLookupError):
                 for grandchild in _children(pid):
@@ -184,6 +184,10 @@ def test_sigkill_with_a_full_window_loses_nothing_and_keeps_order(
     # A task killed after its effect and before the completion ledger noted it runs again.
     assert repeats <= kills * concurrency, f"{repeats} tasks ran twice"
     assert_keys_never_overlap(results, run)
+
+
+def _done(results: redis.Redis, run: str) -> int:
+    return int(results.get(f"{run}:done") or 0)
 
 
 def _children(pid: int) -> list[int]:
