@@ -131,14 +131,11 @@ def _overlaps(groups: dict[object, list[Execution]], rule: str, t0: float,
 
 
 def check_overlap(history: History) -> list[Violation]:
-    """No two executions of one key, nor of one partition, run at the same time."""
+    """No two executions of one key run at the same time (keys of one partition may)."""
     by_key: dict[object, list[Execution]] = defaultdict(list)
-    by_partition: dict[object, list[Execution]] = defaultdict(list)
     for ex in history.executions:
         by_key[f"key {ex.key}"].append(ex)
-        by_partition[f"partition {partition_of(ex.key, history.partitions)}"].append(ex)
-    return (_overlaps(by_key, "overlap", history.t0, history.faults)
-            + _overlaps(by_partition, "partition-overlap", history.t0, history.faults))
+    return _overlaps(by_key, "overlap", history.t0, history.faults)
 
 
 def check_duplicates(history: History) -> list[Violation]:

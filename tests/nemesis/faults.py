@@ -65,8 +65,10 @@ class Nemesis:
     """Injects faults from a thread until stopped; every fault is undone before ``stop`` returns."""
 
     def __init__(self, seed: int, config: NemesisConfig, launchers: list[Any],
-                 start_standby: Callable[[], Any], disruptive: bool = False) -> None:
+                 start_standby: Callable[[], Any], disruptive: bool = False, slots: int = 1) -> None:
         self.rng = random.Random(seed)
+        #: Tasks a worker process runs at once (its pool's concurrency).
+        self.slots = slots
         self.config = config
         self.launchers = launchers
         self.start_standby = start_standby
@@ -127,7 +129,7 @@ class Nemesis:
         elif kind == "kill_worker":
             victim = workers[int(pick * len(workers))]
             _signal([victim], signal.SIGKILL)
-            self._log(kind, time.time(), time.time(), f"worker {victim}")
+            self._log(kind, time.time(), time.time(), f"worker {victim}", self.slots)
         elif kind in ("stop_worker", "stop_past_lease"):
             victim = workers[int(pick * len(workers))]
             with_pool = self.rng.random() < 0.5
@@ -140,7 +142,7 @@ class Nemesis:
             self._halt.wait(seconds)
             _signal(pids, signal.SIGCONT)
             self.stopped.difference_update(pids)
-            self._log(kind, start, time.time(), f"pids {pids} for {seconds:.1f} s")
+            self._log(kind, start, time.time(), f"pids {pids} for {seconds:.1f} s", self.slots)
         elif kind == "script_flush":
             import redis
 
@@ -150,8 +152,8 @@ class Nemesis:
         elif kind in ("broker_restart", "db_outage"):
             self._disrupt(kind)
 
-    def _log(self, kind: str, start: float, end: float, target: str) -> None:
-        self.faults.append(Fault(kind, start, end, target))
+    def _log(self, kind: str, start: float, end: float, target: str, slots: int = 1) -> None:
+        self.faults.append(Fault(kind, start, end, target, slots))
 
     def _disrupt(self, kind: str) -> None:
         """Restart the broker or close the test database for a few seconds (only when allowed)."""

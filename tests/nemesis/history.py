@@ -57,11 +57,13 @@ class Fault:
     start: float
     end: float
     target: str = ""
+    #: Tasks the victim may have been running at once (its pool's concurrency; 1 for a pool process).
+    slots: int = 1
 
     @property
     def duplicates_allowed(self) -> int:
-        """Executions this fault may legitimately repeat (documented: one per kill or stop)."""
-        return 1 if self.kind in ("kill_pool", "kill_worker", "stop_worker", "stop_past_lease") else 0
+        """Executions this fault may legitimately repeat (documented: one per task running in the victim)."""
+        return self.slots if self.kind in ("kill_pool", "kill_worker", "stop_worker", "stop_past_lease") else 0
 
 
 @dataclass(frozen=True)

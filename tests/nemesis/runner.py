@@ -40,6 +40,9 @@ class Plan:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     nemesis: NemesisConfig = field(default_factory=NemesisConfig)
     processes: int = 2
+    #: The pool and concurrency of each worker process, and the window (None: drawn from the seed).
+    pool: tuple[str, int] | None = None
+    window: int | None = None
     drain_timeout: float = 150.0
     #: Seconds the nemesis goes on after the last publish, while the backlog drains.
     fault_tail: float = 15.0
@@ -81,10 +84,23 @@ def _switch(target: Plan, name: str, value: bool) -> None:
                      f"{WorkloadConfig.switches() + NemesisConfig.switches()}")
 
 
+#: The pools (with their concurrency) and windows a run draws from.
+POOLS: tuple[tuple[str, int], ...] = (("prefork", 1), ("prefork", 2), ("threads", 4), ("threads", 8), ("solo", 1))
+WINDOWS = (1, 4, 16)
+
+
+def drawn(p: Plan, seed: int) -> Plan:
+    """``p`` with the pool, concurrency and window it leaves open drawn from ``seed``."""
+    rng = random.Random(seed ^ 0x9001)
+    pool, window = rng.choice(POOLS), rng.choice(WINDOWS)
+    return replace(p, pool=p.pool or pool, window=p.window or window)
+
+
 def describe(p: Plan) -> str:
-    """The switches that are on, for the report."""
+    """The switches that are on, and the pool and window, for the report."""
     on = [n for c in (p.workload, p.nemesis) for n in c.switches() if getattr(c, n)]
-    return ",".join(on)
+    pool = f"; pool {p.pool[0]} x{p.pool[1]}, window {p.window}" if p.pool else ""
+    return ",".join(on) + pool
 
 
 @dataclass
@@ -288,9 +304,14 @@ def run(app: Celery, broker: str, start_workers: Callable[..., Any], results: re
     prefix = f"n{seed}x{uuid.uuid4().hex[:4]}"
     run_id = f"nemesis:{prefix}"
     workload = generate(seed, the_plan.workload, prefix)
-    launchers = [start_workers(the_plan.processes)]
+    the_plan = drawn(the_plan, seed)
+    assert the_plan.pool is not None
+    (pool, concurrency), window = the_plan.pool, the_plan.window
+    options = ("--pool", pool, "--concurrency", str(concurrency))
+    launchers = [start_workers(the_plan.processes, *options, window=window)]
     nemesis = Nemesis(seed ^ 0x5EED, the_plan.nemesis, launchers,
-                      lambda: start_workers(the_plan.processes, ready=False), the_plan.disruptive)
+                      lambda: start_workers(the_plan.processes, *options, ready=False, window=window),
+                      the_plan.disruptive, slots=concurrency)
     driver = Driver(app, results, run_id, prefix, seed)
     with Sampler(app) as sampler:
         nemesis.start()
