@@ -511,6 +511,28 @@ def test_replay_by_a_stale_owner_runs_nothing_and_changes_nothing(
 
 
 @pytest.mark.django_db
+def test_skip_by_a_stale_owner_sets_nothing_aside_and_runs_nothing(
+        app: Celery, run: str, results: redis.Redis, django_capture_on_commit_callbacks: Any) -> None:
+    key = f"stale-skip-{run[:8]}"
+    partition = partition_for(key)
+    fail(results, run, key, 1, times=1)
+    for seq in (1, 2, 3):
+        deliver(app, "strict_step", key, seq, run)
+    with django_capture_on_commit_callbacks(execute=False):
+        request = skip(key)
+    PartitionFence.objects.update_or_create(partition=partition, defaults={"fence": 5})
+    token = FENCE.set(3)  # this worker's lease is older than the partition's newest owner
+    try:
+        with pytest.raises(StaleOwnerError):
+            apply_control(app, key, SKIP, request.pk)
+    finally:
+        FENCE.reset(token)
+    assert ran(results, run, key) == []
+    assert AccountState.objects.get(key=key).status == "blocked"
+    assert list(ParkedMessage.objects.filter(key=key).values_list("state", flat=True)) == ["parked"] * 3
+
+
+@pytest.mark.django_db
 def test_a_parked_message_revoked_meanwhile_is_set_aside_by_replay(app: Celery, run: str,
                                                                    results: redis.Redis) -> None:
     from celery.worker import state as worker_state
