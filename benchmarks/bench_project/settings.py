@@ -33,6 +33,7 @@ BENCH_RESULTS_URL = os.environ.get("BENCH_RESULTS_URL", "redis://127.0.0.1:6379/
 ORDERED_TASKS = {
     "PARTITIONS": int(os.environ.get("BENCH_PARTITIONS", "8")),
     "QUEUE_PREFIX": "bench.ordered",
+    "WINDOW": int(os.environ.get("BENCH_WINDOW", "16")),
     "CELERY_APP": "bench_project.celery:app",
 }
 # The completion ledger's Redis; BENCH_REDIS_URL="" runs RabbitMQ without it, to measure its cost.
