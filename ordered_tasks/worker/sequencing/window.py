@@ -115,7 +115,8 @@ def hand_back_in_place(consumer: Any, message: Any) -> bool:
 
     logger.warning("Handing message %s back in place: it runs again in %.1f s, before any later "
                    "message of its key.", _task_id(message), RERUN_PAUSE)
-    timer.call_after(RERUN_PAUSE, again, priority=6)
+    # Called in a pool thread with the threads pool: the timer belongs to the event loop.
+    LOOP.call(lambda: timer.call_after(RERUN_PAUSE, again, priority=6))
     return True
 
 
