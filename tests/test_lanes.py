@@ -220,3 +220,15 @@ def test_calls_from_many_threads_all_run_on_the_loop_once() -> None:
     _run_hub_until(hub, lambda: len(ran) >= 800)
     assert sorted(ran) == sorted(n * 100 + i for n in range(8) for i in range(100))
     hub.close()
+
+
+def test_a_key_is_crowded_once_it_has_its_share_of_the_window(rec: Recorder) -> None:
+    for n in range(3):
+        rec.admit(f"a{n}", "a")
+    rec.admit("b0", "b")
+    rec.admit("x0", BARRIER)  # a message without a key is never a crowded key
+    assert rec.lanes.crowded_keys(0, 3) == ["a"]
+    assert sorted(rec.lanes.crowded_keys(0, 1)) == ["a", "b"]
+    assert rec.lanes.crowded_keys(1, 1) == []  # another partition
+    rec.lanes.settled("a0")
+    assert rec.lanes.crowded_keys(0, 3) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -278,3 +279,71 @@ def test_the_fetch_script_is_sent_once_then_called_by_its_hash_and_sent_again_wh
     held.pop().ack()
     channel.flush_acknowledgements()
     assert _unacked(channel, queue) == [] and channel._size(queue.name) == 0
+
+
+def _publish_keyed(channel: Any, queue: Queue, *items: tuple[str, str | None]) -> None:
+    """Publish (body, ordered_key) pairs; a key of None sends no key header (another producer)."""
+    producer = channel.connection.client.Producer(channel)
+    for body, key in items:
+        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                         serializer="json", headers={"ordered_key": key} if key is not None else {})
+
+
+def test_the_fetch_looks_past_a_crowded_key_and_leaves_its_messages_in_place(channel: Any) -> None:
+    """A key with a quarter of the window in the worker does not hold back the partition's other keys."""
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.worker.sequencing.window import key_limit
+
+    channel.fetch_reliably(16)
+    partition = 3
+    name = f"{get_settings().queue_prefix}.{partition}"
+    queue = _queue(name)
+    channel.queue_purge(name)
+    _publish_keyed(channel, queue, ("h1", "hot"), ("h2", "hot"), ("o1", "other"), ("h3", "hot"),
+                   ("o2", "other"))
+    lanes = channel.lanes
+    for n in range(key_limit(16)):  # the hot key's share of the window is taken
+        lanes.admit(f"held-{n}", partition, "hot", lambda: None)
+    consumer, held, drain = holding_consumer(channel, [queue])
+    try:
+        consumer.consume()
+        drain()
+        assert [m.payload for m in held] == ["o1", "o2"]  # the hot key's messages were looked past
+        assert _remaining(channel, name) == ["h1", "h2", "h3"]  # in place, in order
+        lanes.settled("held-0")  # a place of the hot key's share is free again
+        drain()
+        assert [m.payload for m in held][2:3] == ["h1"]  # its next message is its first
+    finally:
+        consumer.cancel()
+        channel.queue_purge(name)
+
+
+def test_the_fetch_never_looks_past_a_message_whose_key_it_cannot_read(channel: Any) -> None:
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.worker.sequencing.window import key_limit
+
+    channel.fetch_reliably(16)
+    partition = 4
+    name = f"{get_settings().queue_prefix}.{partition}"
+    queue = _queue(name)
+    channel.queue_purge(name)
+    # No key header: it may be the hot key's, so nothing behind it may go first.
+    _publish_keyed(channel, queue, ("h1", "hot"), ("raw", None), ("o1", "other"))
+    lanes = channel.lanes
+    for n in range(key_limit(16)):
+        lanes.admit(f"held-{n}", partition, "hot", lambda: None)
+    consumer, held, drain = holding_consumer(channel, [queue])
+    try:
+        consumer.consume()
+        drain()
+        assert held == []
+        assert _remaining(channel, name) == ["h1", "raw", "o1"]
+    finally:
+        consumer.cancel()
+        channel.queue_purge(name)
+
+
+def _remaining(channel: Any, name: str) -> list[str]:
+    """The bodies of the messages still in queue ``name``, oldest first (left in place)."""
+    raw = redis.Redis(connection_pool=channel.pool)
+    return [json.loads(base64.b64decode(json.loads(item)["body"])) for item in reversed(raw.lrange(name, 0, -1))]

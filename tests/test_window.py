@@ -193,3 +193,34 @@ def _done(results: redis.Redis, run: str) -> int:
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def test_a_hot_key_does_not_hold_back_the_other_keys_of_its_partition(
+        app: Celery, broker: str, start_workers: Any, results: redis.Redis) -> None:
+    """Half the partition's traffic on one key: the others run past its backlog (Redis)."""
+    if not broker.startswith("redis"):
+        pytest.skip("RabbitMQ delivers a queue in order: a hot key's share of the window is not "
+                    "bounded there (see the guarantees page)")
+    run = uuid.uuid4().hex
+    hot, *others = same_partition_keys(6)
+    task = app.tasks[ORDERED]
+    sent = dict.fromkeys(others, 0)
+    with app.producer_or_acquire() as producer:
+        for seq in range(1, 41):  # 40 hot messages of 0.1 s: 4 s one after another
+            task.apply_async(kwargs={"run": run, "key": hot, "seq": seq, "sleep": 0.1}, producer=producer)
+            if seq % 2 == 0:  # as many messages of the other keys, interleaved
+                for key in others[:2] if seq % 4 else others[2:]:
+                    sent[key] += 1
+                    task.apply_async(kwargs={"run": run, "key": key, "seq": sent[key], "sleep": 0.0},
+                                     producer=producer)
+    start_workers(1, "--pool", "threads", "--concurrency", "8")
+    eventually(lambda: all(len(ran(results, run, k)) == n for k, n in sent.items()), timeout=60,
+               what="the other keys")
+    done_hot = len(ran(results, run, hot))
+    # Measured: 6 to 8 here, 26 when the fetch did not look past the hot key.
+    assert done_hot <= 16, f"the other keys finished only after {done_hot} of 40 hot messages"
+    eventually(lambda: len(ran(results, run, hot)) == 40, timeout=60, what="the hot key")
+    assert ran(results, run, hot) == list(range(1, 41))
+    for key, count in sent.items():
+        assert ran(results, run, key) == list(range(1, count + 1)), key
+    assert_keys_never_overlap(results, run)

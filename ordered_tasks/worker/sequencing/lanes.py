@@ -218,6 +218,15 @@ class Lanes:
                     del self._by_tag[entry.tag]
             return dropped
 
+    def crowded_keys(self, partition: int, limit: int) -> list[str]:
+        """The keys of ``partition`` with ``limit`` or more messages in the window (running and waiting)."""
+        with self._lock:
+            lanes = self._partitions.get(partition)
+            if lanes is None:
+                return []
+            return [key for key in lanes.running
+                    if key is not BARRIER and 1 + len(lanes.waiting.get(key, ())) >= limit]
+
     def counts(self) -> dict[int, tuple[int, int]]:
         """Per partition: messages running (started, unsettled) and waiting."""
         with self._lock:

@@ -18,6 +18,16 @@ logger = logging.getLogger(__name__)
 RERUN_PAUSE = 0.5
 
 
+def key_limit(window: int) -> int:
+    """Messages one key may have in a partition's window: a quarter of it (at least one).
+
+    The rest of the window stays open to the partition's other keys, so that
+    a hot key does not hold them back; on Redis the fetch looks past the
+    messages of a key that has this many (see :mod:`..transport.fetch`).
+    """
+    return max(1, window // 4)
+
+
 def worker_running() -> bool:
     """Whether the worker still starts messages (not shutting down)."""
     return not (state.should_stop or state.should_terminate)

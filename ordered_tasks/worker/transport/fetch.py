@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from queue import Empty
 from time import monotonic, time
@@ -13,8 +14,9 @@ from uuid import uuid4
 import redis
 from kombu.transport import redis as kombu_redis
 
+from ...conf import get_settings
 from ..sequencing.lanes import Lanes
-from ..sequencing.window import new_lanes
+from ..sequencing.window import key_limit, new_lanes
 from ..unanswered import Unanswered
 from .qos import HeadQoS
 
@@ -29,12 +31,23 @@ IDLE_WAIT = 0.02
 #: Seconds between two attempts to send acknowledgements that Redis did not take.
 ACK_RETRY = 1.0
 
+#: Messages the fetch looks through, from the head of a queue, for one whose key is not
+#: crowded in the worker's window.
+LOOK_AHEAD = 64
+
 #: Pop the first message of the first non-empty queue and record it as unacknowledged,
 #: in one step. KEYS: the queues, then kombu's unacked hash and unacked index. ARGV: the
 #: time, a delivery tag for a message that has none, then each queue's name (as in KEYS,
-#: without prefix and priority suffix).
+#: without prefix and priority suffix), then for each queue a JSON list of its crowded keys
+#: ('' for none).
 #:
-#: Nothing may fail after the RPOP (a script's writes are not undone): an item that is
+#: A queue with crowded keys gives its first message whose ``ordered_key`` header is a
+#: string that is not crowded, looking through at most LOOK_AHEAD messages; the messages
+#: it looks past stay in place, so each key's messages still come in their order. A message
+#: whose key it cannot read ends the look (it may belong to a crowded key), unless it is
+#: the head.
+#:
+#: Nothing may fail after the pop (a script's writes are not undone): an item that is
 #: not a kombu message for this queue (no delivery tag, no delivery info, another queue's
 #: routing key, not JSON at all) is wrapped, hex-encoded, into a message with a tag of its
 #: own and no headers, which the worker parks as invalid.
@@ -42,9 +55,32 @@ _FETCH = """
 local function hex(text)
   return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
-local count = #KEYS - 2
+local function key_of(item)
+  local ok, message = pcall(cjson.decode, item)
+  local headers = ok and type(message) == 'table' and message['headers']
+  local key = type(headers) == 'table' and headers['ordered_key']
+  if type(key) == 'string' then return key end
+  return nil
+end
+local function take(queue, crowded_json)
+  if crowded_json == '' then return redis.call('RPOP', queue) end
+  local crowded = {}
+  for _, key in ipairs(cjson.decode(crowded_json)) do crowded[key] = true end
+  local items = redis.call('LRANGE', queue, -LOOK_AHEAD, -1)
+  for j = #items, 1, -1 do
+    local key = key_of(items[j])
+    if j == #items and (key == nil or not crowded[key]) then return redis.call('RPOP', queue) end
+    if key == nil then return false end
+    if not crowded[key] then
+      redis.call('LREM', queue, -1, items[j])
+      return items[j]
+    end
+  end
+  return false
+end
+local count = (#KEYS - 2)
 for i = 1, count do
-  local item = redis.call('RPOP', KEYS[i])
+  local item = take(KEYS[i], ARGV[2 + count + i] or '')
   if item then
     local queue = ARGV[2 + i]
     local tag, record
@@ -69,7 +105,7 @@ for i = 1, count do
   end
 end
 return false
-"""
+""".replace("LOOK_AHEAD", str(LOOK_AHEAD))
 _FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
 
 
@@ -103,6 +139,8 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
     #: Unacknowledged messages this channel holds per partition queue, at most.
     window = 1
     _lanes: Lanes | None = None
+    #: Queue name -> its partition (None: not a partition queue).
+    _partitions: dict[str, int | None]
     _fetched_at = 0.0
     #: The Redis connection that has been sent the script (None: send it with the next fetch).
     _script_on: Any = None
@@ -116,6 +154,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         """Fetch with the script from now on, at most ``window`` messages per queue."""
         self.fetches_reliably = True
         self.window = max(1, window)
+        self._partitions = {}
 
     @property
     def lanes(self) -> Lanes | None:
@@ -150,12 +189,27 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         channel._in_poll = connection
         channel._brpop_sent_at = monotonic()
         self._fetched_at = max(time(), self._fetched_at + 1e-6)  # never earlier than the last fetch
-        arguments = (len(keys), *keys, repr(self._fetched_at), uuid4().hex, *names)
+        arguments = (len(keys), *keys, repr(self._fetched_at), uuid4().hex, *names, *self._crowded(names))
         if self._script_on is connection:
             connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
         else:  # Redis caches the script as it runs it
             connection.send_command("EVAL", _FETCH, *arguments)
             self._script_on = connection
+
+    def _crowded(self, names: list[str]) -> list[str]:
+        """For each queue, the keys with a full share of its window, as JSON ('' for none)."""
+        lanes = self._lanes
+        if lanes is None:
+            return [""] * len(names)
+        limit = key_limit(self.window)
+        out = []
+        for name in names:
+            partition = self._partitions.get(name, -1)
+            if partition == -1:
+                partition = self._partitions[name] = get_settings().partition_of_queue(name)
+            crowded = lanes.crowded_keys(partition, limit) if partition is not None else []
+            out.append(json.dumps(crowded) if crowded else "")
+        return out
 
     def forget(self, delivery_tag: str) -> bool:
         """Delete the unacknowledged record of an acknowledged message, without waiting for Redis.
