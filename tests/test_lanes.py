@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -12,6 +13,7 @@ from kombu.asynchronous import Hub
 
 from ordered_tasks.worker.sequencing.handoff import LoopCalls
 from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes
+from ordered_tasks.worker.sequencing.window import lane_key
 
 
 class Recorder:
@@ -232,3 +234,28 @@ def test_a_key_is_crowded_once_it_has_its_share_of_the_window(rec: Recorder) -> 
     assert rec.lanes.crowded_keys(1, 1) == []  # another partition
     rec.lanes.settled("a0")
     assert rec.lanes.crowded_keys(0, 3) == []
+
+
+class _Message:
+    def __init__(self, task: str, kwargs: dict[str, object], headers: dict[str, object] | None = None,
+                 body: bytes | None = None) -> None:
+        self.headers = {"task": task, **(headers or {})}
+        self.body = body if body is not None else json.dumps([[], kwargs, {}]).encode()
+        self.content_type, self.content_encoding = "application/json", "utf-8"
+
+
+@pytest.mark.django_db
+def test_a_message_is_sequenced_by_the_key_of_its_arguments_whatever_its_header_says() -> None:
+    from tests.testapp.tasks import ordered_record, plain_record
+
+    app, name = ordered_record.app, ordered_record.name
+    args = {"run": "r", "key": "real", "seq": 1}
+    assert lane_key(app, _Message(name, args, {"ordered_key": "real"})) == "real"
+    assert lane_key(app, _Message(name, args, {"ordered_key": "other"})) == "real"  # parked under "real"
+    assert lane_key(app, _Message(name, args)) == "real"  # no header (another producer)
+    assert lane_key(app, _Message(name, {"run": "r", "key": 12, "seq": 1})) == "12"  # canonical
+    # Keys that cannot be told here: the message runs alone in its partition.
+    assert lane_key(app, _Message(name, args, body=b"not json")) is BARRIER
+    assert lane_key(app, _Message(name, {"run": "r", "key": None, "seq": 1})) is BARRIER
+    assert lane_key(app, _Message("no.such.task", args, {"ordered_key": "real"})) is BARRIER
+    assert lane_key(app, _Message(plain_record.name, args, {"ordered_key": "real"})) is BARRIER

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from celery.worker import state
+from kombu.serialization import loads, prepare_accept_content
 
 from ...options import KEY_HEADER
+from ...routing import key_spec_for
 from .handoff import LOOP
 from .lanes import BARRIER, Lanes
 
@@ -43,16 +46,47 @@ def lanes_of(message: Any) -> Lanes | None:
     return getattr(getattr(message, "channel", None), "lanes", None)
 
 
-def lane_key(message: Any) -> str | None:
-    """The key a message is sequenced by: its ``ordered_key`` header, else ``BARRIER``.
+def lane_key(app: Any, message: Any) -> str | None:
+    """The key a message is sequenced by: its task's key, from its arguments; else ``BARRIER``.
 
-    A message without the header (a producer that is not ordered_tasks'
-    own) may belong to any key of its partition: it starts once nothing
-    else of the partition runs, and nothing starts before it settled.
+    The arguments rather than the ``ordered_key`` header, because the guard
+    parks a message whose header disagrees with them under the key of its
+    arguments (a producer in another language may get the header wrong), and
+    that key's later messages must not start before it. Decoding the
+    arguments costs about 10 µs per message. A control message (replay,
+    skip, wake-up) goes by its header. A message whose key cannot be told
+    here (no such task, not an ordered task, a body that does not decode, an
+    invalid key) may belong to any key of its partition: it starts once
+    nothing else of the partition runs, and nothing starts before it
+    settled; the guard or the consumer then parks it.
     """
     headers = message.headers if isinstance(message.headers, dict) else {}
-    key = headers.get(KEY_HEADER)
-    return BARRIER if key is None else str(key)
+    name = headers.get("task")
+    task = app.tasks.get(name) if isinstance(name, str) else None
+    if task is None or not isinstance(name, str):
+        return BARRIER
+    if getattr(task, "ordered_control", False):
+        key = headers.get(KEY_HEADER)
+        return BARRIER if key is None else str(key)
+    spec = key_spec_for(app, name, task)
+    if spec is None:
+        return BARRIER
+    try:
+        args, kwargs, _embed = loads(message.body, message.content_type, message.content_encoding,
+                                     accept=_accept(app.conf.accept_content))
+        return spec.canonical(args, kwargs)
+    except Exception:  # undecodable, or no valid key: parked when it runs
+        return BARRIER
+
+
+def _accept(content_types: Any) -> Any:
+    """Celery's ``accept_content`` as kombu's ``loads`` takes it (prepared once per setting)."""
+    return _prepared(tuple(content_types) if content_types is not None else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared(content_types: tuple[str, ...] | None) -> Any:
+    return prepare_accept_content(content_types)
 
 
 def seconds_to_eta(message: Any) -> float:
@@ -87,7 +121,7 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
     lanes = lanes_of(message)
     if lanes is None:
         return False
-    tag, key = message.delivery_tag, lane_key(message)
+    tag, key = message.delivery_tag, lane_key(consumer.app, message)
     delay = seconds_to_eta(message) if key is not BARRIER else 0.0
     if delay > 0 and is_control(consumer.app, message):
         release = getattr(getattr(message.channel, "qos", None), "hold", None)
