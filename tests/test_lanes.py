@@ -10,6 +10,7 @@ from typing import Callable
 
 import pytest
 from kombu.asynchronous import Hub
+from kombu.compression import compress
 
 from ordered_tasks.worker.sequencing.handoff import LoopCalls
 from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes
@@ -254,6 +255,8 @@ def test_a_message_is_sequenced_by_the_key_of_its_arguments_whatever_its_header_
     assert lane_key(app, _Message(name, args, {"ordered_key": "other"})) == "real"  # parked under "real"
     assert lane_key(app, _Message(name, args)) == "real"  # no header (another producer)
     assert lane_key(app, _Message(name, {"run": "r", "key": 12, "seq": 1})) == "12"  # canonical
+    compressed = compress(json.dumps([[], args, {}]).encode(), "zlib")
+    assert lane_key(app, _Message(name, args, {"compression": compressed[1]}, body=compressed[0])) == "real"
     # Keys that cannot be told here: the message runs alone in its partition.
     assert lane_key(app, _Message(name, args, body=b"not json")) is BARRIER
     assert lane_key(app, _Message(name, {"run": "r", "key": None, "seq": 1})) is BARRIER

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from celery.worker import state
+from kombu.compression import decompress
 from kombu.serialization import loads, prepare_accept_content
 
 from ...options import KEY_HEADER
@@ -72,7 +73,10 @@ def lane_key(app: Any, message: Any) -> str | None:
     if spec is None:
         return BARRIER
     try:
-        args, kwargs, _embed = loads(message.body, message.content_type, message.content_encoding,
+        body = message.body
+        if headers.get("compression"):  # Celery's task_compression
+            body = decompress(body, headers["compression"])
+        args, kwargs, _embed = loads(body, message.content_type, message.content_encoding,
                                      accept=_accept(app.conf.accept_content))
         return spec.canonical(args, kwargs)
     except Exception:  # undecodable, or no valid key: parked when it runs
