@@ -157,7 +157,7 @@ def test_sigkill_with_a_full_window_loses_nothing_and_keeps_order(
     name, concurrency = pool
     run = uuid.uuid4().hex
     keys = [f"x{n}" for n in range(40)]
-    total = publish_keys(app, run, keys, per_key=10, sleep=0.2)
+    total = publish_keys(app, run, keys, per_key=10, sleep=0.1)
     kills = 3
     for kill in range(kills):
         workers = start_workers(1, "--pool", name, "--concurrency", str(concurrency))
