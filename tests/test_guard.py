@@ -488,8 +488,10 @@ def test_a_message_does_not_start_once_its_partition_lease_may_have_lapsed(
 
 
 @pytest.mark.django_db
-def test_replay_by_a_stale_owner_runs_nothing_and_changes_nothing(
-        app: Celery, run: str, results: redis.Redis, django_capture_on_commit_callbacks: Any) -> None:
+@pytest.mark.parametrize("action", [REPLAY, SKIP])
+def test_replay_or_skip_by_a_stale_owner_runs_nothing_and_changes_nothing(
+        app: Celery, run: str, results: redis.Redis, django_capture_on_commit_callbacks: Any,
+        action: ControlAction) -> None:
     key = f"stale-{run[:8]}"
     partition = partition_for(key)
     fail(results, run, key, 1, times=1)
@@ -497,34 +499,12 @@ def test_replay_by_a_stale_owner_runs_nothing_and_changes_nothing(
         deliver(app, "strict_step", key, seq, run)
     assert AccountState.objects.get(key=key).status == "blocked"
     with django_capture_on_commit_callbacks(execute=False):
-        request = replay(key)
+        request = (replay if action == REPLAY else skip)(key)
     PartitionFence.objects.update_or_create(partition=partition, defaults={"fence": 5})
     token = FENCE.set(3)  # this worker's lease is older than the partition's newest owner
     try:
         with pytest.raises(StaleOwnerError):
-            apply_control(app, key, REPLAY, request.pk)
-    finally:
-        FENCE.reset(token)
-    assert ran(results, run, key) == []
-    assert AccountState.objects.get(key=key).status == "blocked"
-    assert ParkedMessage.objects.filter(key=key, state="parked").count() == 3
-
-
-@pytest.mark.django_db
-def test_skip_by_a_stale_owner_sets_nothing_aside_and_runs_nothing(
-        app: Celery, run: str, results: redis.Redis, django_capture_on_commit_callbacks: Any) -> None:
-    key = f"stale-skip-{run[:8]}"
-    partition = partition_for(key)
-    fail(results, run, key, 1, times=1)
-    for seq in (1, 2, 3):
-        deliver(app, "strict_step", key, seq, run)
-    with django_capture_on_commit_callbacks(execute=False):
-        request = skip(key)
-    PartitionFence.objects.update_or_create(partition=partition, defaults={"fence": 5})
-    token = FENCE.set(3)  # this worker's lease is older than the partition's newest owner
-    try:
-        with pytest.raises(StaleOwnerError):
-            apply_control(app, key, SKIP, request.pk)
+            apply_control(app, key, action, request.pk)
     finally:
         FENCE.reset(token)
     assert ran(results, run, key) == []

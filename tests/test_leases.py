@@ -291,19 +291,8 @@ def _publish_keyed(channel: Any, queue: Queue, *items: tuple[str, str | None]) -
 
 def test_the_fetch_looks_past_a_crowded_key_and_leaves_its_messages_in_place(channel: Any) -> None:
     """A key with a quarter of the window in the worker does not hold back the partition's other keys."""
-    from ordered_tasks.conf import get_settings
-    from ordered_tasks.worker.sequencing.window import key_limit
-
-    channel.fetch_reliably(16)
-    partition = 3
-    name = f"{get_settings().queue_prefix}.{partition}"
-    queue = _queue(name)
-    channel.queue_purge(name)
-    _publish_keyed(channel, queue, ("h1", "hot"), ("h2", "hot"), ("o1", "other"), ("h3", "hot"),
-                   ("o2", "other"))
-    lanes = channel.lanes
-    for n in range(key_limit(16)):  # the hot key's share of the window is taken
-        lanes.admit(f"held-{n}", partition, "hot", lambda: None)
+    name, queue, lanes = _crowded_partition(channel, 3, ("h1", "hot"), ("h2", "hot"), ("o1", "other"),
+                                            ("h3", "hot"), ("o2", "other"))
     consumer, held, drain = holding_consumer(channel, [queue])
     try:
         consumer.consume()
@@ -319,19 +308,8 @@ def test_the_fetch_looks_past_a_crowded_key_and_leaves_its_messages_in_place(cha
 
 
 def test_the_fetch_never_looks_past_a_message_whose_key_it_cannot_read(channel: Any) -> None:
-    from ordered_tasks.conf import get_settings
-    from ordered_tasks.worker.sequencing.window import key_limit
-
-    channel.fetch_reliably(16)
-    partition = 4
-    name = f"{get_settings().queue_prefix}.{partition}"
-    queue = _queue(name)
-    channel.queue_purge(name)
     # No key header: it may be the hot key's, so nothing behind it may go first.
-    _publish_keyed(channel, queue, ("h1", "hot"), ("raw", None), ("o1", "other"))
-    lanes = channel.lanes
-    for n in range(key_limit(16)):
-        lanes.admit(f"held-{n}", partition, "hot", lambda: None)
+    name, queue, _lanes = _crowded_partition(channel, 4, ("h1", "hot"), ("raw", None), ("o1", "other"))
     consumer, held, drain = holding_consumer(channel, [queue])
     try:
         consumer.consume()
@@ -341,6 +319,22 @@ def test_the_fetch_never_looks_past_a_message_whose_key_it_cannot_read(channel: 
     finally:
         consumer.cancel()
         channel.queue_purge(name)
+
+
+def _crowded_partition(channel: Any, partition: int, *items: tuple[str, str | None]) -> tuple[str, Queue, Any]:
+    """A partition queue holding ``items``, on a channel whose window (16) has the key "hot" crowded."""
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.worker.sequencing.window import key_limit
+
+    channel.fetch_reliably(16)
+    name = f"{get_settings().queue_prefix}.{partition}"
+    queue = _queue(name)
+    channel.queue_purge(name)
+    _publish_keyed(channel, queue, *items)
+    lanes = channel.lanes
+    for n in range(key_limit(16)):  # the hot key's share of the window is taken
+        lanes.admit(f"held-{n}", partition, "hot", lambda: None)
+    return name, queue, lanes
 
 
 def _remaining(channel: Any, name: str) -> list[str]:
