@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -588,3 +589,20 @@ def test_a_copy_of_a_message_that_completed_in_a_replay_is_recognised(app: Celer
     copy = deliver(app, "strict_step", key, 1, run, task_id=f"{run}-1", redelivered=True)
     assert copy is not None and copy.state == "IGNORED"
     assert ran(results, run, key) == [1]
+
+
+def test_a_count_goes_on_when_a_dead_process_left_the_counters_locked(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from ordered_tasks.worker.failures import book
+
+    monkeypatch.setattr(book, "LOCK_WAIT", 0.2)
+    versions = book.Versions(4)
+    before = versions.get(2)
+    versions._lock.acquire()  # as a pool process killed inside its count would leave it
+    stamps: list[Any] = []
+    counting = threading.Thread(target=lambda: stamps.append(versions.bump(2)), daemon=True)
+    counting.start()
+    counting.join(5)  # a deadline: before the fix, the count waited for ever
+    assert not counting.is_alive(), "the count is still waiting for the lock"
+    assert stamps[0][0] == before[0] + 1
+    assert "counting without it" in caplog.text

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mmap
 import multiprocessing
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from ...states import KeyStatus
 
+logger = logging.getLogger(__name__)
+
 _COUNTER = struct.Struct("Q")
+#: Seconds a count waits for the counters' lock before it goes on without it.
+LOCK_WAIT = 2.0
 #: A partition's stamp: how many times its key states changed, and how many
 #: times this worker (re)gained it.
 Stamp = tuple[int, int]
@@ -43,8 +49,27 @@ class Versions:
     def _count(self, slot: int) -> int:
         return int(_COUNTER.unpack_from(self._memory, slot * _COUNTER.size)[0])
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The counters' lock; after :data:`LOCK_WAIT` seconds, go on without it.
+
+        A pool process killed (SIGKILL, the OOM killer) inside its few
+        instructions under the lock would leave it held for good, and every
+        other process would wedge at its next count. Going on unlocked risks
+        one lost count at worst, which a later change or tenure repairs.
+        """
+        if self._lock.acquire(timeout=LOCK_WAIT):
+            try:
+                yield
+            finally:
+                self._lock.release()
+            return
+        logger.warning("The key-state counters' lock was not released within %.0f s (a pool process "
+                       "died holding it?); counting without it.", LOCK_WAIT)
+        yield
+
     def _increment(self, slot: int) -> None:
-        with self._lock:
+        with self._locked():
             _COUNTER.pack_into(self._memory, slot * _COUNTER.size, self._count(slot) + 1)
 
     def get(self, partition: int) -> Stamp:
@@ -57,7 +82,7 @@ class Versions:
         """Count a change of ``partition``'s key states; return the new stamp (read with the count)."""
         if not 0 <= partition < self.partitions:
             return (0, 0)
-        with self._lock:
+        with self._locked():
             slot = 2 * partition
             _COUNTER.pack_into(self._memory, slot * _COUNTER.size, self._count(slot) + 1)
             return self.get(partition)
