@@ -314,6 +314,38 @@ def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redi
     results.delete(ledger._key(3))
 
 
+def test_threads_asking_at_once_share_one_ledger(redis_broker: str, apps: dict[str, Celery],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool threads asking for the ledger at once get the same one: a second, made by a racing
+    thread, would replace the first, whose collection closes connections still in use."""
+    from ordered_tasks.worker.redelivery import ledger as ledgers
+    from tests.conftest import make_app
+
+    app = make_app(redis_broker)
+    monkeypatch.setattr(ledgers, "_LEDGERS", {})
+    made = ledgers.coordination_client
+
+    def slow_client(app: Any, **kwargs: Any) -> Any:
+        time.sleep(0.01)  # the time a racing thread needs to ask too
+        return made(app, **kwargs)
+
+    monkeypatch.setattr(ledgers, "coordination_client", slow_client)
+    start = threading.Barrier(8)
+    got: list[Any] = []
+
+    def ask() -> None:
+        start.wait(timeout=10)
+        got.append(ledgers.ledger_for(app))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    app.close()
+    assert len(got) == 8 and all(ledger is got[0] for ledger in got) and got[0] is not None
+
+
 def test_a_stale_owner_cannot_change_key_states(app: Celery, run: str, results: redis.Redis) -> None:
     from ordered_tasks.exceptions import StaleOwnerError
     from ordered_tasks.models import PartitionFence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -12,14 +13,21 @@ from celery import shared_task
 from ordered_tasks import ordered_task
 
 _client: redis.Redis | None = None
+_client_lock = threading.Lock()
 
 
 def recorder() -> redis.Redis:
-    """Redis connection of the current process for the recorded results."""
+    """Redis connection of the current process for the recorded results.
+
+    Made once under a lock: with the threads pool, a second client made by a
+    racing thread would replace the first, whose collection closes its pool's
+    connections under a pipeline still using them.
+    """
     global _client
-    if _client is None:
-        _client = redis.Redis.from_url(os.environ.get("TEST_RESULTS_URL", "redis://127.0.0.1:6379/15"))
-    return _client
+    with _client_lock:
+        if _client is None:
+            _client = redis.Redis.from_url(os.environ.get("TEST_RESULTS_URL", "redis://127.0.0.1:6379/15"))
+        return _client
 
 
 def record(run: str, key: Any, seq: int, sleep: float) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -73,13 +75,25 @@ class Ledger:
 
 
 _LEDGERS: dict[tuple[int, str], Ledger | None] = {}
+#: Pool threads ask at once: a second ledger made by a racing thread would replace the
+#: first, and the first client's collection closes connections still in use.
+_LEDGERS_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _LEDGERS_LOCK
+    _LEDGERS_LOCK = threading.Lock()  # never inherit one held by another thread at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def ledger_for(app: Any) -> Ledger | None:
     """The ledger of this process, or None when no Redis is configured or available."""
     conf = get_settings()
     key = (id(app), conf.queue_prefix)
-    if key not in _LEDGERS:
-        client = coordination_client(app)
-        _LEDGERS[key] = Ledger(client, conf.queue_prefix) if client is not None else None
-    return _LEDGERS[key]
+    with _LEDGERS_LOCK:
+        if key not in _LEDGERS:
+            client = coordination_client(app)
+            _LEDGERS[key] = Ledger(client, conf.queue_prefix) if client is not None else None
+        return _LEDGERS[key]
