@@ -86,6 +86,7 @@ class ParkedMessage(models.Model):
         TIME_LIMIT = "time_limit", "the task exceeded its hard time limit"
         WORKER_LOST = "worker_lost", "the process running the task died"
         REVOKED = "revoked", "revoked by an operator (kept as a record)"
+        OVERFLOW = "overflow", "its key had more messages waiting than its share of the window"
 
     key = models.CharField(max_length=MAX_KEY_LENGTH, db_index=True)
     partition = models.PositiveIntegerField()

@@ -262,3 +262,142 @@ def test_a_message_is_sequenced_by_the_key_of_its_arguments_whatever_its_header_
     assert lane_key(app, _Message(name, {"run": "r", "key": None, "seq": 1})) is BARRIER
     assert lane_key(app, _Message("no.such.task", args, {"ordered_key": "real"})) is BARRIER
     assert lane_key(app, _Message(plain_record.name, args, {"ordered_key": "real"})) is BARRIER
+
+
+class Spilling(Recorder):
+    """Lanes with a key limit of 3 whose spills are recorded (and acknowledged by the test)."""
+
+    def __init__(self) -> None:
+        super().__init__(Lanes(key_limit=3))
+        self.spills: list[tuple[str, list[str]]] = []
+        self.batches: list[list[object]] = []
+        self.lanes.spill = lambda partition, key, batch: (
+            self.spills.append((key, [e.tag for e in batch])), self.batches.append(batch))
+
+    def admit(self, tag: str, key: str | None, partition: int = 0, control: bool = False,
+              spillable: bool = True) -> None:
+        self.lanes.admit(tag, partition, key, lambda: self.started.append(tag), control=control,
+                         spillable=spillable)
+
+    def acknowledge(self, tags: list[str]) -> None:
+        for tag in tags:
+            self.lanes.settled(tag)
+
+
+def test_a_crowded_key_spills_its_waiting_messages_in_order_once_its_running_one_settled() -> None:
+    rec = Spilling()
+    for n in range(5):
+        rec.admit(f"a{n}", "a")
+    rec.admit("b0", "b")
+    assert rec.started == ["a0", "b0"] and rec.spills == []  # never beside an ordinary message of the key
+    rec.lanes.settled("a0")
+    assert rec.spills == [("a", ["a1", "a2", "a3", "a4"])]  # all waiting ones, in delivery order
+    assert rec.started == ["a0", "b0"]
+    rec.admit("a5", "a")
+    rec.admit("b1", "b")
+    rec.lanes.settled("b0")
+    assert rec.started == ["a0", "b0", "b1"]  # the other key goes on; a5 waits for the batch
+    assert rec.lanes.crowded_keys(0, 3) == ["a"]
+    rec.acknowledge(["a1", "a2", "a3"])
+    assert rec.started == ["a0", "b0", "b1"]
+    rec.acknowledge(["a4"])  # the batch is parked: a5 runs (and is parked by the guard, the key is held)
+    assert rec.started == ["a0", "b0", "b1", "a5"]
+    assert len(rec.spills) == 1
+
+
+def test_a_key_spills_beside_its_running_control_message_which_keeps_its_place() -> None:
+    rec = Spilling()
+    rec.admit("wake", "a", control=True)
+    rec.admit("a1", "a")
+    rec.admit("a2", "a")
+    rec.admit("wake2", "a", control=True)
+    assert rec.spills == []
+    rec.admit("a3", "a")
+    assert rec.spills == [("a", ["a1", "a2", "a3"])]  # while the wake-up drains parked rows
+    rec.acknowledge(["a1", "a2", "a3"])
+    assert rec.started == ["wake"]
+    rec.lanes.settled("wake")
+    assert rec.started == ["wake", "wake2"]
+
+
+def test_a_redelivered_copy_keeps_its_key_from_spilling() -> None:
+    rec = Spilling()
+    rec.admit("a0", "a")
+    rec.admit("a1", "a", spillable=False)
+    for n in range(2, 5):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    assert rec.spills == [] and rec.started == ["a0", "a1"]
+    rec.lanes.settled("a1")  # the copy went through the guard: the rest may spill now
+    assert rec.spills == [("a", ["a2", "a3", "a4"])]
+
+
+def test_a_failed_spill_puts_its_batch_back_at_the_head_of_the_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ordered_tasks.worker.sequencing import lanes as lanes_module
+
+    rec = Spilling()
+    for n in range(5):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    batch = rec.batches[0]
+    rec.admit("a5", "a")
+    rec.lanes.spill_failed(0, "a", batch)  # type: ignore[arg-type]
+    assert rec.started == ["a0", "a1"]  # back in order, one at a time
+    for n in range(1, 5):
+        rec.lanes.settled(f"a{n}")
+    assert rec.started == ["a0", "a1", "a2", "a3", "a4", "a5"]
+    assert len(rec.spills) == 1  # not spilled again during the pause
+    now = time.monotonic()
+    monkeypatch.setattr(lanes_module.time, "monotonic", lambda: now + lanes_module.SPILL_PAUSE + 1)
+    for n in range(6, 10):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a5")
+    assert rec.spills[-1] == ("a", ["a6", "a7", "a8", "a9"])
+
+
+def test_random_interleavings_with_spills_keep_each_key_in_order() -> None:
+    """Messages run or are parked; per key, what ran before a spill was delivered before it, and
+    what is parked keeps the delivery order, as the drain will run it."""
+    rng = random.Random(11)
+    for _round in range(200):
+        rec = Spilling()
+        handled: dict[str, list[int]] = {}  # per key: started or parked, in that order
+        active: list[str] = []
+
+        def spill(partition: int, key: str, batch: list[object], rec: Spilling = rec,
+                  active: list[str] = active) -> None:
+            assert not any(t.startswith(f"{key}:") for t in active), f"{key} spilled beside a running one"
+            rec.batches.append(batch)
+
+        rec.lanes.spill = spill  # type: ignore[assignment]
+
+        def start(tag: str, rec: Spilling = rec, active: list[str] = active,
+                  handled: dict[str, list[int]] = handled) -> None:
+            key, number = tag.split(":")
+            assert not any(t.startswith(f"{key}:") for t in active), f"{tag} beside another of its key"
+            active.append(tag)
+            handled.setdefault(key, []).append(int(number))
+
+        delivered = 0
+        for _step in range(80):
+            roll = rng.random()
+            if rec.batches and roll < 0.2:
+                batch = rec.batches.pop(0)
+                for entry in batch:
+                    handled.setdefault(str(entry.key), []).append(int(str(entry.tag).split(":")[1]))
+                if rng.random() < 0.8:
+                    rec.acknowledge([str(e.tag) for e in batch])
+                else:  # put back: the same messages are handled again
+                    for entry in batch:
+                        handled[str(entry.key)].pop()
+                    rec.lanes.spill_failed(0, str(batch[0].key), batch)
+            elif active and roll < 0.6:
+                tag = active.pop(rng.randrange(len(active)))
+                rec.lanes.settled(tag)
+            else:
+                key = rng.choice(["a", "a", "a", "b"])
+                tag = f"{key}:{delivered}"
+                delivered += 1
+                rec.lanes.admit(tag, 0, key, lambda tag=tag: start(tag))
+        for key, numbers in handled.items():
+            assert numbers == sorted(numbers), (key, numbers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -22,10 +23,11 @@ from .exclusivity import rabbitmq
 from .exclusivity.leases import LEASE_TICK, LeaseKeeper
 from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
+from .failures.spill import spill_over
 from .failures.unrunnable import hand_over, partition_of_message
 from .health.figures import FIGURES
 from .sequencing.handoff import LOOP
-from .sequencing.window import admit
+from .sequencing.window import SPILL, admit
 from .setup import ordered_worker
 from .transport.fetch import start_fetching_reliably
 from .transport.transport import RedisTransport, SentinelTransport
@@ -158,6 +160,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         """
         handle = super().create_task_handler(*args, **kwargs)
         LOOP.attach(getattr(self, "hub", None))
+        SPILL.handler = functools.partial(spill_over, self)
 
         def start(message: Any) -> Any:
             if self._unordered_task(message):

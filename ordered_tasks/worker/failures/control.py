@@ -129,19 +129,19 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
             return KeyStatus.RETRYING.value
         elif outcome != Outcome.CONTINUED:
             return str(outcome.value)
-    if len(rows) > batch:
-        with transaction.atomic():
-            state = store.locked_state(key, partition)
-            state.status = KeyStatus.RETRYING
-            state.retry_at = timezone.now()
-            state.save(update_fields=["status", "retry_at", "updated_at"])
-        BOOK.set(key, partition, KeyStatus.RETRYING)
-        publish_control(app, key, ControlAction.WAKE, due=state.retry_at)
-        return KeyStatus.RETRYING.value
-    store.activate(key, partition)
-    BOOK.set(key, partition, KeyStatus.ACTIVE)
-    key_resumed.send(sender=AccountState, key=key, partition=partition)
-    return KeyStatus.ACTIVE.value
+    if len(rows) <= batch and store.activate(key, partition):
+        BOOK.set(key, partition, KeyStatus.ACTIVE)
+        key_resumed.send(sender=AccountState, key=key, partition=partition)
+        return KeyStatus.ACTIVE.value
+    # More parked messages (a longer backlog, or spilled meanwhile): go on behind the queue.
+    with transaction.atomic():
+        state = store.locked_state(key, partition)
+        state.status = KeyStatus.RETRYING
+        state.retry_at = timezone.now()
+        state.save(update_fields=["status", "retry_at", "updated_at"])
+    BOOK.set(key, partition, KeyStatus.RETRYING)
+    publish_control(app, key, ControlAction.WAKE, due=state.retry_at)
+    return KeyStatus.RETRYING.value
 
 
 def run_parked(app: Celery, row: ParkedMessage) -> Outcome:

@@ -103,6 +103,29 @@ def park_held(delivery: Delivery) -> None:
         state.save(update_fields=["sequence", "updated_at"])
 
 
+def spill(key: str, partition: int, deliveries: list[Delivery]) -> tuple[AccountState, bool]:
+    """Park a crowded key's waiting messages, in order, behind its parked ones; hold the key.
+
+    An active key becomes retrying, due now, until its parked messages ran
+    (returns True then: the caller publishes its wake-up). A copy already
+    parked (a redelivery) is not parked twice.
+    """
+    with transaction.atomic():
+        state = locked_state(key, partition)
+        ids = [d.task_id for d in deliveries if d.task_id]
+        known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids).values_list("task_id", flat=True))
+        for delivery in deliveries:
+            if not delivery.task_id or delivery.task_id not in known:
+                _add_row(state, delivery, reason=Reason.OVERFLOW)
+        held_now = state.status == KeyStatus.ACTIVE
+        if held_now:
+            state.epoch += 1
+            state.status = KeyStatus.RETRYING
+            state.retry_at = timezone.now()
+        state.save()
+    return state, held_now
+
+
 def _note_failure(state: AccountState, error: str, now: datetime) -> None:
     state.failures += 1
     state.last_error = error
@@ -172,14 +195,21 @@ def record_revoked(delivery: Delivery, error: str) -> AccountState:
     return state
 
 
-def activate(key: str, partition: int) -> AccountState:
-    """The key has no parked messages left: it runs its messages directly again."""
+def activate(key: str, partition: int) -> bool:
+    """The key runs its messages directly again, unless messages were parked meanwhile (False then).
+
+    A crowded key's messages may be parked (spilled) while its parked
+    messages run; the check and the change share the key's row lock with
+    every park, so none is left behind an active key.
+    """
     with transaction.atomic():
         state = locked_state(key, partition)
+        if ParkedMessage.objects.filter(key=key, state=PARKED).exists():
+            return False
         state.status = KeyStatus.ACTIVE
         state.retry_at = None
         state.save()
-    return state
+    return True
 
 
 def park_unrunnable(delivery: Delivery, reason: str, error: str) -> AccountState:

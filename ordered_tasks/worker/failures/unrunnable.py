@@ -9,6 +9,7 @@ from typing import Any, Callable
 from ...models import ParkedMessage
 from ..delivery import Delivery, queue_partition
 from ..exclusivity.fencing import FENCE
+from ..pooled import run_in_pool
 from ..sequencing.window import hand_back_in_place
 from . import store
 from .book import BOOK
@@ -59,14 +60,14 @@ def hand_over(worker: Any, message: Any, reason: str, error: str,
     def parked(_result: Any) -> None:
         call_soon(ack or message.ack)
 
-    def failed(*exc_info: Any) -> None:
-        logger.critical("Could not park message %s; handing it back: %r", delivery.task_id or "?", exc_info)
+    def failed(error: Any) -> None:
+        logger.critical("Could not park message %s; handing it back: %s", delivery.task_id or "?", error)
         call_soon(requeue or hand_back)
 
     keeper = worker.keeper
     fence = keeper.fence_of(partition) if keeper is not None else None
-    worker.pool.apply_async(park_in_worker, args=(dataclasses.asdict(delivery), reason, error, fence),
-                     callback=parked, error_callback=failed)
+    run_in_pool(worker.pool, park_in_worker, (dataclasses.asdict(delivery), reason, error, fence),
+                done=parked, failed=failed)
     return True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
@@ -13,6 +14,8 @@ logger = logging.getLogger(__name__)
 #: The lane of a message: its partition and its key, or ``BARRIER`` for a message whose
 #: key the consumer cannot tell before it runs (a producer that sent no ``ordered_key``).
 BARRIER = None
+#: Seconds a key's overflow is not spilled again after a spill failed (its messages run in the lane).
+SPILL_PAUSE = 5.0
 
 
 @dataclass(eq=False)
@@ -27,6 +30,14 @@ class Entry:
     #: The message itself (for handing it back to the broker).
     message: Any = None
     started: bool = False
+    #: A control message (replay, skip, wake-up): it runs in its key's lane, is never spilled,
+    #: and a spill may happen while it runs (it works on parked rows, whose order the spill keeps).
+    control: bool = False
+    #: Whether the message may be parked as it was delivered (not a redelivered copy, which
+    #: goes through the guard so that one that already ran is recognised).
+    spillable: bool = True
+    #: Handed to the spill instead of the pool.
+    spilled: bool = False
 
 
 @dataclass
@@ -40,14 +51,18 @@ class _Partition:
     barrier: Entry | None = None
     #: Entries delivered after the barrier, in delivery order.
     behind: deque[Entry] = field(default_factory=deque)
+    #: key -> the entries of the key being parked in one batch (see :meth:`Lanes.spill`).
+    spilling: dict[str, list[Entry]] = field(default_factory=dict)
 
     def idle(self) -> bool:
-        return not self.running and not self.waiting
+        return not self.running and not self.waiting and not self.spilling
 
     def entries(self) -> Iterator[Entry]:
         yield from self.running.values()
         for waiting in self.waiting.values():
             yield from waiting
+        for batch in self.spilling.values():
+            yield from batch
         if self.barrier is not None:
             yield self.barrier
         yield from self.behind
@@ -70,26 +85,44 @@ class Lanes:
     ``may_start`` is asked before a waiting message starts: while the
     worker shuts down, nothing more starts and the rest of the window stays
     unacknowledged, to come back in its place.
+
+    A key with ``key_limit`` messages waiting is crowded: with ``spill``
+    set, and while no ordinary message of the key runs, its waiting
+    messages are handed to ``spill(partition, key, entries)`` in one batch,
+    in delivery order, instead of waiting in the window. The spill parks
+    them in the database behind the key's earlier parked messages (the key
+    is then held until they ran) and acknowledges them; their acknowledgements
+    settle them here. Nothing else of the key starts until the batch
+    settled; if the spill fails, :meth:`spill_failed` puts the batch back
+    at the head of the key's lane. So a hot key holds at most about
+    ``key_limit`` messages of the window, and its partition's other keys
+    keep running.
     """
 
     def __init__(self, may_start: Callable[[], bool] = lambda: True,
-                 run_on_loop: Callable[[Callable[[], Any]], None] | None = None) -> None:
+                 run_on_loop: Callable[[Callable[[], Any]], None] | None = None,
+                 spill: Callable[[int, str, list[Entry]], Any] | None = None, key_limit: int = 0) -> None:
         self.may_start = may_start
         #: Runs a callable on the event loop's thread (now, when called there).
         self.run_on_loop = run_on_loop or (lambda fn: fn())
+        self.spill = spill
+        self.key_limit = key_limit
         self._lock = threading.RLock()
         self._partitions: dict[int, _Partition] = {}
         self._by_tag: dict[Hashable, Entry] = {}
         self._to_start: deque[Entry] = deque()
+        self._to_spill: deque[tuple[int, str, list[Entry]]] = deque()
+        #: key -> until when (monotonic) it is not spilled again, after a failed spill.
+        self._no_spill: dict[str, float] = {}
         self._starting = False
 
     def __len__(self) -> int:
         return len(self._by_tag)
 
     def admit(self, tag: Hashable, partition: int, key: str | None, start: Callable[[], Any],
-              message: Any = None) -> None:
+              message: Any = None, control: bool = False, spillable: bool = True) -> None:
         """A message of ``partition`` and ``key`` (``BARRIER``: unknown) was delivered."""
-        entry = Entry(tag, partition, key, start, message)
+        entry = Entry(tag, partition, key, start, message, control=control, spillable=spillable)
         with self._lock:
             self._by_tag[tag] = entry
             self._place(self._partitions.setdefault(partition, _Partition()), entry)
@@ -102,8 +135,9 @@ class Lanes:
             lanes.barrier = entry
             if lanes.idle():
                 self._to_start.append(entry)
-        elif entry.key in lanes.running:
+        elif entry.key in lanes.running or entry.key in lanes.spilling:
             lanes.waiting.setdefault(entry.key, deque()).append(entry)
+            self._maybe_spill(lanes, entry)
         else:
             lanes.running[entry.key] = entry
             self._to_start.append(entry)
@@ -150,17 +184,14 @@ class Lanes:
             for later in behind:
                 self._place(lanes, later)
         elif key is not BARRIER and lanes.running.get(key) is entry:
-            waiting = lanes.waiting.get(key)
-            if waiting:
-                following = waiting.popleft()
-                if not waiting:
-                    del lanes.waiting[key]
-                lanes.running[key] = following
-                self._to_start.append(following)
-            else:
-                del lanes.running[key]
-                if lanes.barrier is not None and lanes.idle():
-                    self._to_start.append(lanes.barrier)
+            del lanes.running[key]
+            self._next(lanes, key, entry)
+        elif key is not BARRIER and entry in lanes.spilling.get(key, ()):
+            batch = lanes.spilling[key]
+            batch.remove(entry)
+            if not batch:  # the whole batch is parked
+                del lanes.spilling[key]
+                self._next(lanes, key, entry)
         else:  # settled before it started (a closed channel, a revoke)
             waiting = lanes.waiting.get(key) if key is not BARRIER else None
             if key is not BARRIER and waiting is not None and entry in waiting:
@@ -170,6 +201,79 @@ class Lanes:
             elif entry in lanes.behind:
                 lanes.behind.remove(entry)
 
+    def _next(self, lanes: _Partition, key: str, last: Entry) -> None:
+        """``last`` of ``key`` settled: spill the key's overflow, or start its next message."""
+        if key in lanes.running or key in lanes.spilling:
+            return  # a control message still runs: a spill may go on beside it
+        if self._maybe_spill(lanes, last):
+            return
+        waiting = lanes.waiting.get(key)
+        if waiting:
+            following = waiting.popleft()
+            if not waiting:
+                del lanes.waiting[key]
+            lanes.running[key] = following
+            self._to_start.append(following)
+        elif lanes.barrier is not None and lanes.idle():
+            self._to_start.append(lanes.barrier)
+
+    def _maybe_spill(self, lanes: _Partition, entry: Entry) -> bool:
+        """Hand the waiting messages of ``entry``'s key to the spill, if the key is crowded.
+
+        Only while no ordinary message of the key runs (a failure of one
+        would park it behind the spilled ones), only all of its waiting
+        ordinary messages at once (so the parked order is the delivery
+        order), and only if each of them may be parked as delivered.
+        """
+        key = entry.key
+        if self.spill is None or self.key_limit <= 0 or key is BARRIER or key in lanes.spilling:
+            return False
+        running = lanes.running.get(key)
+        if running is not None and not running.control:
+            return False
+        waiting = lanes.waiting.get(key)
+        if not waiting or len(waiting) < self.key_limit:
+            return False
+        batch = [e for e in waiting if not e.control]
+        if len(batch) < self.key_limit or not all(e.spillable for e in batch):
+            return False
+        if self._no_spill.get(key, 0.0) > time.monotonic() or not self.may_start():
+            return False
+        self._no_spill.pop(key, None)
+        rest = deque(e for e in waiting if e.control)
+        if rest:
+            lanes.waiting[key] = rest
+        else:
+            del lanes.waiting[key]
+        for spilled in batch:
+            spilled.spilled = True
+        lanes.spilling[key] = batch
+        self._to_spill.append((entry.partition, key, list(batch)))  # a copy: settles shrink the batch
+        return True
+
+    def spill_failed(self, partition: int, key: str, batch: list[Entry]) -> None:
+        """The spill of ``batch`` failed: its messages go back to the head of their lane, in order.
+
+        They then run (or are parked by the guard) one at a time as usual;
+        the key is not spilled again for :data:`SPILL_PAUSE` seconds.
+        """
+        with self._lock:
+            lanes = self._partitions.get(partition)
+            current = lanes.spilling.get(key) if lanes is not None else None
+            if lanes is None or current is None or not all(e in batch for e in current):
+                return
+            del lanes.spilling[key]
+            self._no_spill[key] = time.monotonic() + SPILL_PAUSE
+            back = [e for e in batch if self._by_tag.get(e.tag) is e]
+            waiting = lanes.waiting.setdefault(key, deque())
+            for entry in reversed(back):
+                entry.spilled = False
+                waiting.appendleft(entry)
+            if not waiting:
+                del lanes.waiting[key]
+            self._next(lanes, key, batch[0])
+        self.run_on_loop(self._run)
+
     def _run(self) -> None:
         """Start the entries due to start, in order (on the loop); re-entrant calls only queue more."""
         if self._starting:
@@ -178,7 +282,14 @@ class Lanes:
         try:
             while True:
                 with self._lock:
+                    spills, self._to_spill = list(self._to_spill), deque()
+                for partition, key, batch in spills:
+                    if self.spill is not None:
+                        self.spill(partition, key, batch)
+                with self._lock:
                     if not self._to_start:
+                        if self._to_spill:
+                            continue
                         return
                     entry = self._to_start.popleft()
                     if entry.started or self._by_tag.get(entry.tag) is not entry:
@@ -195,7 +306,7 @@ class Lanes:
         """Whether ``tag`` is the started, unsettled message of its lane."""
         with self._lock:
             entry = self._by_tag.get(tag)
-            return entry is not None and entry.started
+            return entry is not None and entry.started and not entry.spilled
 
     def entry(self, tag: Hashable) -> Entry | None:
         with self._lock:
@@ -224,8 +335,10 @@ class Lanes:
             lanes = self._partitions.get(partition)
             if lanes is None:
                 return []
-            return [key for key in lanes.running
-                    if key is not BARRIER and 1 + len(lanes.waiting.get(key, ())) >= limit]
+            keys = {*lanes.running, *lanes.spilling}
+            return [key for key in keys
+                    if key is not BARRIER and (key in lanes.running) + len(lanes.waiting.get(key, ()))
+                    + len(lanes.spilling.get(key, ())) >= limit]
 
     def counts(self) -> dict[int, tuple[int, int]]:
         """Per partition: messages running (started, unsettled) and waiting."""

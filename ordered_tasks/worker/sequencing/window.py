@@ -11,10 +11,13 @@ from celery.worker import state
 from kombu.compression import decompress
 from kombu.serialization import loads, prepare_accept_content
 
-from ...options import KEY_HEADER
+from ...conf import get_settings
+from ...exceptions import InvalidKeyError
+from ...options import KEY_HEADER, PARTITION_HEADER
+from ...partitioning import canonical_key, partition_of
 from ...routing import key_spec_for
 from .handoff import LOOP
-from .lanes import BARRIER, Lanes
+from .lanes import BARRIER, Entry, Lanes
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +26,43 @@ RERUN_PAUSE = 0.5
 
 
 def key_limit(window: int) -> int:
-    """Messages one key may have in a partition's window: a quarter of it (at least one).
+    """Messages one key may have waiting in a partition's window: half of it (at least one).
 
-    The rest of the window stays open to the partition's other keys, so that
-    a hot key does not hold them back; on Redis the fetch looks past the
-    messages of a key that has this many (see :mod:`..transport.fetch`).
+    The other half stays open to the partition's other keys, so that a hot
+    key does not hold them back: a key with this many waiting has them
+    parked in one batch (see :func:`spill_at`), and on Redis the fetch
+    looks past the messages of a key that has this many waiting and one
+    running (see :mod:`..transport.fetch`).
     """
-    return max(1, window // 4)
+    return max(1, window // 2)
+
+
+#: A key's waiting messages are spilled only in batches of at least this many: below, a
+#: burst of one account's events would go through the database for nothing.
+MIN_SPILL = 4
+
+
+def spill_at(window: int) -> int:
+    """How many waiting messages make a key spill; 0 (never) for a window under ``2 * MIN_SPILL``."""
+    limit = key_limit(window)
+    return limit if limit >= MIN_SPILL else 0
+
+
+class SpillTo:
+    """Where the lanes hand a crowded key's waiting messages: set by the consumer, whose pool parks them."""
+
+    handler: Callable[[Lanes, int, str, list[Entry]], Any] | None = None
+
+    def __call__(self, lanes: Lanes, partition: int, key: str, batch: list[Entry]) -> None:
+        handler = self.handler
+        if handler is None:  # no consumer (yet): the messages stay in their lane
+            lanes.spill_failed(partition, key, batch)
+        else:
+            handler(lanes, partition, key, batch)
+
+
+#: The spill of this process's lanes.
+SPILL = SpillTo()
 
 
 def worker_running() -> bool:
@@ -38,8 +71,13 @@ def worker_running() -> bool:
 
 
 def new_lanes() -> Lanes:
-    """The lanes of one channel: messages start on the event loop, and not once the worker shuts down."""
-    return Lanes(may_start=worker_running, run_on_loop=LOOP.call)
+    """The lanes of one channel: messages start on the event loop, and not once the worker shuts down.
+
+    A key's waiting messages beyond its share of the window are spilled (parked) through :data:`SPILL`.
+    """
+    lanes = Lanes(may_start=worker_running, run_on_loop=LOOP.call, key_limit=spill_at(get_settings().window))
+    lanes.spill = functools.partial(SPILL, lanes)
+    return lanes
 
 
 def lanes_of(message: Any) -> Lanes | None:
@@ -115,6 +153,29 @@ def is_control(app: Any, message: Any) -> bool:
     return bool(getattr(task, "ordered_control", False))
 
 
+def spillable(message: Any, partition: int, key: str | None) -> bool:
+    """Whether ``message`` may be parked as it was delivered, should its key be crowded.
+
+    Not a redelivered copy (the guard recognises one that already ran), and
+    only a message whose headers agree with its key and queue (the guard
+    parks a misfit with its reason).
+    """
+    if key is BARRIER:
+        return False
+    info = getattr(message, "delivery_info", None) or {}
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    if info.get("redelivered") or headers.get("redelivered"):
+        return False
+    try:
+        if canonical_key(headers.get(KEY_HEADER)) != key:
+            return False
+    except InvalidKeyError:
+        return False
+    if headers.get(PARTITION_HEADER) != partition or isinstance(headers.get(PARTITION_HEADER), bool):
+        return False
+    return partition_of(key, get_settings().partitions) == partition
+
+
 def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any]) -> bool:
     """Put a delivered message of ``partition`` into its lane; False when its channel has no lanes.
 
@@ -131,9 +192,12 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
         release = getattr(getattr(message.channel, "qos", None), "hold", None)
         if release is not None:
             release(tag)  # Redis: its slot in the window is free until it is due
-        consumer.timer.call_after(delay, lanes.admit, (tag, partition, key, start, message), priority=6)
+        consumer.timer.call_after(delay, lanes.admit, (tag, partition, key, start, message, True, False),
+                                  priority=6)
         return True
-    lanes.admit(tag, partition, key, start, message)
+    control = is_control(consumer.app, message)
+    lanes.admit(tag, partition, key, start, message, control=control,
+                spillable=not control and spillable(message, partition, key))
     return True
 
 

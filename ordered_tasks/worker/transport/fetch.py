@@ -201,7 +201,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         lanes = self._lanes
         if lanes is None:
             return [""] * len(names)
-        limit = key_limit(self.window)
+        limit = key_limit(self.window) + 1  # the running one, and its share waiting
         out = []
         for name in names:
             partition = self._partitions.get(name, -1)

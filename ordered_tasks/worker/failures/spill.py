@@ -1,0 +1,89 @@
+"""A crowded key's waiting messages, parked in one batch in delivery order, so that they leave the window."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from celery import current_app
+from django.utils import timezone
+from kombu.compression import decompress
+
+from ...messages import publish_wake
+from ..delivery import Delivery
+from ..exclusivity.fencing import FENCE
+from ..pooled import run_in_pool
+from ..sequencing.handoff import LOOP
+from ..sequencing.lanes import Entry, Lanes
+from ..sequencing.window import worker_running
+from . import store
+from .book import BOOK
+
+logger = logging.getLogger(__name__)
+
+
+def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:
+    """The message as it is parked: its body as its task reads it (a compressed one decompressed)."""
+    delivery = Delivery.from_message(message, partition)
+    delivery.key = key
+    compression = delivery.headers.pop("compression", None)
+    if compression:
+        delivery.body = bytes(decompress(delivery.body, compression))
+    return delivery
+
+
+def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[Entry]) -> None:
+    """Have a pool process park ``batch`` (waiting messages of ``key``, in delivery order).
+
+    Once they are stored their messages are acknowledged, which settles
+    them in ``lanes``; if storing fails (the database, a lost lease) they go
+    back to the head of their lane and run through the guard one at a time,
+    as any message of a held key does. Called on the consumer's event loop.
+    """
+    fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
+    keeper = getattr(worker, "keeper", None)
+    fence = keeper.fence_of(partition) if keeper is not None else None
+
+    def acknowledge() -> None:
+        logger.debug("Parked %d waiting messages of key %r of partition %s.", len(batch), key, partition)
+        for entry in list(batch):
+            try:
+                entry.message.ack()
+            except Exception as exc:  # the connection closed: the copy that comes back is recognised
+                logger.warning("Could not acknowledge spilled message %s (%r); its copy that comes "
+                               "back is recognised as parked.", entry.tag, exc)
+                lanes.settled(entry.tag)
+
+    def failed(error: Any) -> None:
+        logger.warning("Could not park %d waiting messages of key %r of partition %s (%s); they run "
+                       "through the window one at a time instead.", len(batch), key, partition, error)
+        LOOP.call(lambda: lanes.spill_failed(partition, key, batch))
+
+    logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
+    def done(_status: str) -> None:
+        if worker_running():
+            LOOP.call(acknowledge)
+        else:  # a warm shutdown waits for the pool, not for the stopped loop: as Celery's threads pool does
+            acknowledge()
+
+    run_in_pool(worker.pool, spill_in_worker, (key, partition, fields, fence), done=done, failed=failed)
+
+
+def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None) -> str:
+    """Pool side of :func:`spill_over`: park the messages; hold the key until they ran.
+
+    A key that was active is now retrying, due now: its wake-up, published
+    to its partition queue, runs the parked messages in order behind what
+    its lane still holds. ``fence`` is the worker's fencing token of the
+    partition (Redis): a stale owner's write is refused.
+    """
+    token = FENCE.set(fence)
+    try:
+        state, held_now = store.spill(key, partition, [Delivery(**f) for f in fields])
+    finally:
+        FENCE.reset(token)
+    BOOK.set(key, partition, state.status)
+    if held_now:
+        publish_wake(current_app, key, state.retry_at or timezone.now())
+    return str(state.status)

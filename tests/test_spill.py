@@ -1,0 +1,191 @@
+"""A crowded key's waiting messages parked in one batch: the database side, and pool calls that always report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.concurrency.thread import TaskPool as ThreadPool
+
+from ordered_tasks import partition_for
+from ordered_tasks.models import AccountState, ParkedMessage
+from ordered_tasks.states import KeyStatus
+from ordered_tasks.worker.delivery import Delivery
+from ordered_tasks.worker.failures import control, spill, store
+from ordered_tasks.worker.failures.book import BOOK
+from ordered_tasks.worker.pooled import run_in_pool
+from ordered_tasks.worker.sequencing.window import spill_at, spillable
+from tests.support.workload import parked, ran, same_partition_keys
+from tests.testapp.celery import app as celery_app
+
+T = "tests.testapp.tasks."
+
+
+@pytest.fixture(autouse=True)
+def fresh_book() -> Iterator[None]:
+    BOOK.forget()
+    yield
+    BOOK.forget()
+
+
+@pytest.fixture
+def app(results: redis.Redis) -> Celery:
+    celery_app.finalize(auto=True)
+    return celery_app
+
+
+@pytest.fixture
+def wakes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys whose wake-up was published (nothing goes to a broker)."""
+    published: list[str] = []
+    monkeypatch.setattr(spill, "publish_wake", lambda app, key, due: published.append(key))
+    monkeypatch.setattr(control, "publish_control", lambda app, key, action, **kw: published.append(key))
+    return published
+
+
+class _Message:
+    """A delivered message as kombu hands it over."""
+
+    def __init__(self, key: str, seq: int, run: str, headers: dict[str, Any] | None = None) -> None:
+        self.headers = {"task": T + "ordered_record", "id": str(uuid.uuid4()), "ordered_key": key,
+                        "ordered_partition": partition_for(key), **(headers or {})}
+        self.body = json.dumps([[], {"run": run, "key": key, "seq": seq}, {}]).encode()
+        self.content_type, self.content_encoding = "application/json", "utf-8"
+        self.delivery_info: dict[str, Any] = {"redelivered": False}
+
+
+def _deliveries(key: str, run: str, seqs: range) -> list[Delivery]:
+    return [spill.spilled_delivery(_Message(key, seq, run), partition_for(key), key) for seq in seqs]
+
+
+@pytest.mark.django_db
+def test_a_spill_parks_in_order_holds_the_key_once_and_never_parks_a_copy_twice(wakes: list[str]) -> None:
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    first = _deliveries(key, "r", range(1, 5))
+    state, held_now = store.spill(key, partition, first)
+    assert held_now and state.status == KeyStatus.RETRYING and state.retry_at is not None
+    state, held_now = store.spill(key, partition, [first[3], *_deliveries(key, "r", range(5, 7))])
+    assert not held_now  # already held: its wake-up is on its way
+    rows = ParkedMessage.objects.filter(key=key).order_by("position")
+    assert [json.loads(bytes(r.body))[1]["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert parked(key) == [("overflow", "parked")] * 6
+
+
+@pytest.mark.django_db
+def test_a_spill_behind_a_blocked_key_waits_for_the_operator(wakes: list[str]) -> None:
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    store.block(key, partition, delivery=_deliveries(key, "r", range(1, 2))[0], error="boom")
+    spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, "r", range(2, 6))])
+    assert wakes == []
+    assert AccountState.objects.get(key=key).status == KeyStatus.BLOCKED
+    assert [reason for reason, _ in parked(key)] == ["failed"] + ["overflow"] * 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_drain_runs_spilled_messages_in_order_and_then_the_key_is_active(
+        app: Celery, results: redis.Redis, wakes: list[str]) -> None:
+    run, key = uuid.uuid4().hex, same_partition_keys(1)[0]
+    partition = partition_for(key)
+    assert spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in
+                                                  _deliveries(key, run, range(1, 6))]) == "retrying"
+    assert wakes == [key] and BOOK.status(key, partition) == KeyStatus.RETRYING
+    assert control.drain(app, key, partition) == "active"
+    assert ran(results, run, key) == [1, 2, 3, 4, 5]
+    assert not ParkedMessage.objects.filter(key=key).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_spilled_while_the_drain_runs_is_not_left_behind_an_active_key(
+        app: Celery, results: redis.Redis, wakes: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spill may park beside a running drain: the key stays held until that one ran too."""
+    run, key = uuid.uuid4().hex, same_partition_keys(1)[0]
+    partition = partition_for(key)
+    spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, run, range(1, 3))])
+    run_parked = control.run_parked
+    late = _deliveries(key, run, range(3, 5))
+
+    def run_and_spill(app: Celery, row: ParkedMessage) -> Any:
+        outcome = run_parked(app, row)
+        if late:  # the consumer parks more of the key while the drain runs its first message
+            spill.spill_in_worker(key, partition, [dataclasses.asdict(late.pop(0)) for _ in range(2)])
+        return outcome
+
+    monkeypatch.setattr(control, "run_parked", run_and_spill)
+    assert control.drain(app, key, partition) == "retrying"  # not active: two were parked meanwhile
+    assert AccountState.objects.get(key=key).status == KeyStatus.RETRYING
+    assert wakes.count(key) == 2  # the spill's, and the drain's to go on
+    assert control.drain(app, key, partition) == "active"
+    assert ran(results, run, key) == [1, 2, 3, 4]
+
+
+@pytest.mark.django_db
+def test_a_compressed_message_is_parked_as_its_task_reads_it() -> None:
+    from kombu.compression import compress
+
+    key = same_partition_keys(1)[0]
+    message = _Message(key, 1, "r")
+    body, kind = compress(message.body, "zlib")
+    message.body, message.headers["compression"] = body, kind
+    delivery = spill.spilled_delivery(message, partition_for(key), key)
+    assert json.loads(delivery.body)[1]["seq"] == 1 and "compression" not in delivery.headers
+
+
+def test_only_a_first_delivery_whose_headers_agree_with_its_key_and_queue_may_be_spilled() -> None:
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    assert spillable(_Message(key, 1, "r"), partition, key)
+    redelivered = _Message(key, 1, "r")
+    redelivered.delivery_info["redelivered"] = True
+    assert not spillable(redelivered, partition, key)
+    assert not spillable(_Message(key, 1, "r", {"ordered_key": key + "x"}), partition, key)
+    assert not spillable(_Message(key, 1, "r", {"ordered_partition": partition + 1}), partition, key)
+    assert not spillable(_Message(key, 1, "r"), partition + 1, key)  # another partition's queue
+    assert not spillable(_Message(key, 1, "r", {"ordered_key": None}), partition, key)
+
+
+def test_a_key_spills_only_in_batches_worth_the_database() -> None:
+    assert spill_at(16) == 8 and spill_at(64) == 32
+    assert spill_at(4) == 0 and spill_at(1) == 0  # a burst of one account's events stays in the window
+
+
+def _boom(text: str) -> str:
+    raise RuntimeError(text)
+
+
+def _double(n: int) -> int:
+    return 2 * n
+
+
+@pytest.mark.parametrize("make_pool", [lambda: ThreadPool(limit=2), lambda: SoloPool(limit=1)],
+                         ids=["threads", "solo"])
+def test_a_call_in_the_pool_reports_its_failure_with_every_pool(make_pool: Any) -> None:
+    """Celery's threads pool drops what a function raises, and ignores ``error_callback``."""
+    pool = make_pool()
+    pool.start()
+    try:
+        reports: list[tuple[str, Any]] = []
+        done = threading.Event()
+
+        def report(kind: str) -> Any:
+            return lambda value: (reports.append((kind, value)), done.set())
+
+        run_in_pool(pool, _boom, ("no database",), done=report("done"), failed=report("failed"))
+        assert done.wait(10)
+        assert reports == [("failed", "RuntimeError('no database')")]
+        done.clear()
+        run_in_pool(pool, _double, (21,), done=report("done"), failed=report("failed"))
+        assert done.wait(10)
+        assert reports[-1] == ("done", 42)
+    finally:
+        pool.stop()
+
