@@ -179,13 +179,17 @@ def drain(app: Any, result: Run, keys: int, hot: int, latency_rate: float = 0.0,
     return result
 
 
-def one_broker(broker: str, quick: bool) -> list[Run]:
-    """Every cell on one broker (Django reads the broker once per process)."""
+#: The groups of cells ``--cells`` chooses from.
+CELLS = ("io", "window", "hot")
+
+
+def one_broker(broker: str, quick: bool, cells: tuple[str, ...] = CELLS) -> list[Run]:
+    """The chosen cells on one broker (Django reads the broker once per process)."""
     os.environ["BENCH_PARTITIONS"] = str(PARTITIONS)
     app = base._setup(base.BROKERS[broker])
     scale = 0.4 if quick else 1.0
     runs: list[Run] = []
-    for pool, concurrency, tasks in (("threads", 32, 4000), ("prefork", 8, 1600)):
+    for pool, concurrency, tasks in (("threads", 32, 4000), ("prefork", 8, 1600)) if "io" in cells else ():
         n = int(tasks * scale)
         plain = drain(app, Run("io", broker, "plain", pool, concurrency, 16, IO_SLEEP, n), keys=300, hot=0)
         half = plain.drain_per_s / 2
@@ -198,13 +202,13 @@ def one_broker(broker: str, quick: bool) -> list[Run]:
                                     300), keys=100, hot=0, latency_rate=half,
                            latency_seconds=10 * scale)
             runs.append(steady)
-    for window in (1, 4, 16, 64):
+    for window in (1, 4, 16, 64) if "window" in cells else ():
         runs.append(drain(app, Run("window-io", broker, "ordered", "threads", 32, window, IO_SLEEP,
                                    int(3000 * scale)), keys=300, hot=0))
         runs.append(drain(app, Run("window-trivial", broker, "ordered", "prefork", 2, window, 0.0,
                                    int(4000 * scale)), keys=300, hot=0))
     others = int(2000 * scale)
-    for variant in ("plain", "ordered"):
+    for variant in ("plain", "ordered") if "hot" in cells else ():
         for hot in (0, others):
             cell = "hot" if hot else "no-hot"
             runs.append(drain(app, Run(cell, broker, variant, "threads", 32, 16, IO_SLEEP, others + hot),
@@ -323,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=HERE / "window_results.json")
     parser.add_argument("--rst", type=Path, default=ROOT / "docs" / "benchmarks_window.inc")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "_static" / "benchmarks_window.png")
+    parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
+                        help="run only these cells; the others keep their figures from --output")
     parser.add_argument("--one-broker", choices=sorted(base.BROKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    cells = tuple(args.cells)
     if args.one_broker:
-        runs = one_broker(args.one_broker, args.quick)
+        runs = one_broker(args.one_broker, args.quick, cells)
         args.output.write_text(json.dumps([asdict(r) for r in runs]))
         return 0
     brokers = ["redis"] if args.quick else args.brokers
@@ -334,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     for broker in brokers:
         part = args.output.with_suffix(f".{broker}.json")
         subprocess.run([sys.executable, __file__, "--one-broker", broker, "--output", str(part),
-                        *(["--quick"] if args.quick else [])], check=True)
+                        "--cells", *cells, *(["--quick"] if args.quick else [])], check=True)
         runs += [Run(**row) for row in json.loads(part.read_text())]
         part.unlink()
+    if set(cells) != set(CELLS) and args.output.exists():  # keep the figures of the cells not run
+        ran_now = {(r.cell, r.broker) for r in runs}
+        kept = [Run(**row) for row in json.loads(args.output.read_text())["runs"]]
+        runs = [r for r in kept if (r.cell, r.broker) not in ran_now] + runs
     args.output.write_text(json.dumps({"runs": [asdict(r) for r in runs], "quick": args.quick,
                                        "machine": {"cpus": os.cpu_count()}}, indent=2) + "\n")
     args.rst.write_text(rst(runs))

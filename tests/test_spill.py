@@ -189,3 +189,19 @@ def test_a_call_in_the_pool_reports_its_failure_with_every_pool(make_pool: Any) 
     finally:
         pool.stop()
 
+
+
+@pytest.mark.django_db
+def test_a_wake_up_that_cannot_be_published_does_not_undo_the_spill(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+
+    def no_broker(app: Any, key: str, due: Any) -> None:
+        raise ConnectionError("broker gone")
+
+    monkeypatch.setattr(spill, "publish_wake", no_broker)
+    monkeypatch.setattr(spill.time, "sleep", lambda _s: None)
+    status = spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, "r", range(1, 5))])
+    assert status == "retrying" and len(parked(key)) == 4  # parked: the messages are acknowledged
+    assert "could not be published" in caplog.text

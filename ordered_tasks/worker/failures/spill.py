@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from celery import current_app
@@ -21,6 +22,8 @@ from . import store
 from .book import BOOK
 
 logger = logging.getLogger(__name__)
+#: Tries to publish a spilled key's wake-up.
+WAKE_ATTEMPTS = 3
 
 
 def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:
@@ -85,5 +88,22 @@ def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fenc
         FENCE.reset(token)
     BOOK.set(key, partition, state.status)
     if held_now:
-        publish_wake(current_app, key, state.retry_at or timezone.now())
+        _wake(key, state.retry_at or timezone.now())
     return str(state.status)
+
+
+def _wake(key: str, due: Any) -> None:
+    """Publish the key's wake-up; the messages are parked already, so a failure must not undo the spill.
+
+    Without its wake-up the key waits for the worker's next start (which
+    wakes every retrying key), or for an operator's replay: said at CRITICAL.
+    """
+    for attempt in range(WAKE_ATTEMPTS):
+        try:
+            publish_wake(current_app, key, due)
+            return
+        except Exception as exc:  # the broker went away
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    logger.critical("Key %r holds parked messages but its wake-up could not be published (%r): it runs "
+                    "them at the worker's next start, or replay it from the admin.", key, error)
