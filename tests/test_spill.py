@@ -16,6 +16,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadPool
 
 from ordered_tasks import partition_for
+from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.states import KeyStatus
 from ordered_tasks.worker.delivery import Delivery
@@ -131,12 +132,14 @@ def test_a_message_spilled_while_the_drain_runs_is_not_left_behind_an_active_key
 @pytest.mark.django_db
 def test_a_compressed_message_is_parked_as_its_task_reads_it() -> None:
     from kombu.compression import compress
+    from kombu.message import Message
 
     key = same_partition_keys(1)[0]
-    message = _Message(key, 1, "r")
-    body, kind = compress(message.body, "zlib")
-    message.body, message.headers["compression"] = body, kind
-    delivery = spill.spilled_delivery(message, partition_for(key), key)
+    plain = _Message(key, 1, "r")
+    body, kind = compress(plain.body, "zlib")
+    received = Message(body=body, headers={**plain.headers, "compression": kind},  # kombu decompresses it
+                       content_type="application/json", content_encoding="utf-8")
+    delivery = spill.spilled_delivery(received, partition_for(key), key)
     assert json.loads(delivery.body)[1]["seq"] == 1 and "compression" not in delivery.headers
 
 
@@ -205,3 +208,107 @@ def test_a_wake_up_that_cannot_be_published_does_not_undo_the_spill(
     status = spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, "r", range(1, 5))])
     assert status == "retrying" and len(parked(key)) == 4  # parked: the messages are acknowledged
     assert "could not be published" in caplog.text
+
+
+@pytest.mark.django_db
+def test_nothing_is_spilled_once_the_lease_may_have_lapsed_or_the_partition_moved(
+        wakes: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ordered_tasks.worker.exclusivity.fencing import DEADLINES
+    from ordered_tasks.worker.failures.book import Versions
+
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    fields = [dataclasses.asdict(d) for d in _deliveries(key, "r", range(1, 5))]
+    monkeypatch.setattr(DEADLINES, "allows", lambda p: p != partition)
+    with pytest.raises(spill.LeaseLapsed, match="lapsed"):
+        spill.spill_in_worker(key, partition, fields)
+    monkeypatch.undo()
+    versions = Versions(get_settings().partitions)
+    BOOK.share(versions, [partition])
+    try:
+        tenure = versions.get(partition)[1]
+        versions.arrived(partition)  # the partition's messages arrive again: a new tenure
+        with pytest.raises(spill.LeaseLapsed, match="tenure"):
+            spill.spill_in_worker(key, partition, fields, None, tenure)
+        assert parked(key) == [] and wakes == []
+        assert spill.spill_in_worker(key, partition, fields, None, versions.get(partition)[1]) == "retrying"
+    finally:
+        BOOK.versions = None
+
+
+@pytest.mark.django_db
+def test_a_record_under_the_same_task_id_does_not_keep_a_new_message_from_being_parked(
+        wakes: list[str]) -> None:
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    delivery = _deliveries(key, "r", range(1, 2))[0]
+    store.record_failure(key, partition, delivery=delivery, error="boom", trace="", attempts=1)
+    store.spill(key, partition, [delivery])
+    assert parked(key) == [("failed", "failed"), ("overflow", "parked")]
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, ...]] = []
+
+    def apply_async(self, fn: Any, args: tuple[Any, ...], callback: Any, error_callback: Any) -> None:
+        self.jobs.append(args)
+
+
+class _Keeper:
+    def fence_of(self, partition: int) -> int | None:
+        return None
+
+
+def test_a_worker_without_the_partitions_lease_does_not_spill(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ordered_tasks.worker.sequencing.lanes import Lanes
+
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    lanes = Lanes(key_limit=4)
+    started: list[str] = []
+    messages = {}
+    for n in range(6):
+        messages[n] = _Message(key, n, "r")
+        lanes.admit(n, partition, key, lambda n=n: started.append(n), messages[n])
+    worker = type("Worker", (), {"pool": _Pool(), "keeper": _Keeper()})()
+    lanes.spill = lambda p, k, batch: spill.spill_over(worker, lanes, p, k, batch)
+    lanes.settled(0)
+    assert worker.pool.jobs == []  # nothing handed to the pool
+    assert started == [0, 1]  # back in the lane, one at a time, marked as redelivered for the guard
+    assert messages[1].delivery_info["redelivered"] is True
+
+
+def test_a_spill_that_cannot_be_handed_over_stays_in_the_window() -> None:
+    from ordered_tasks.worker.sequencing.lanes import Lanes
+
+    lanes = Lanes(key_limit=3)
+    started: list[str] = []
+
+    def broken(partition: int, key: str, batch: list[Any]) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    lanes.spill = broken
+    for n in range(5):
+        lanes.admit(f"a{n}", 0, "a", lambda n=n: started.append(f"a{n}"))
+    lanes.settled("a0")
+    assert started == ["a0", "a1"]
+
+
+def test_a_partition_dropped_before_its_spill_was_handed_over_spills_nothing() -> None:
+    from ordered_tasks.worker.sequencing.lanes import Lanes
+
+    deferred: list[Any] = []
+    spilled: list[Any] = []
+    lanes = Lanes(key_limit=3, run_on_loop=deferred.append)
+    lanes.spill = lambda partition, key, batch: spilled.append(batch)
+    for n in range(5):
+        lanes.admit(f"a{n}", 0, "a", lambda: None)
+    for call in deferred:
+        call()
+    deferred.clear()
+    lanes.settled("a0")  # the spill is queued for the loop
+    lanes.drop_partition(0)  # the partition went back to its queue first
+    for call in deferred:
+        call()
+    assert spilled == []

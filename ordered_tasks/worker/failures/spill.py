@@ -9,11 +9,10 @@ from typing import Any
 
 from celery import current_app
 from django.utils import timezone
-from kombu.compression import decompress
 
 from ...messages import publish_wake
 from ..delivery import Delivery
-from ..exclusivity.fencing import FENCE
+from ..exclusivity.fencing import DEADLINES, FENCE
 from ..pooled import run_in_pool
 from ..sequencing.handoff import LOOP
 from ..sequencing.lanes import Entry, Lanes
@@ -27,13 +26,19 @@ WAKE_ATTEMPTS = 3
 
 
 def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:
-    """The message as it is parked: its body as its task reads it (a compressed one decompressed)."""
+    """The message as it is parked: its body as its task reads it.
+
+    kombu's ``Message`` has already decompressed the body of a compressed
+    message (Celery's ``task_compression``), so the header goes.
+    """
     delivery = Delivery.from_message(message, partition)
     delivery.key = key
-    compression = delivery.headers.pop("compression", None)
-    if compression:
-        delivery.body = bytes(decompress(delivery.body, compression))
+    delivery.headers.pop("compression", None)
     return delivery
+
+
+class LeaseLapsed(Exception):
+    """The worker may no longer start messages of the partition: its lease lapsed, or the partition moved."""
 
 
 def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[Entry]) -> None:
@@ -41,16 +46,34 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
 
     Once they are stored their messages are acknowledged, which settles
     them in ``lanes``; if storing fails (the database, a lost lease) they go
-    back to the head of their lane and run through the guard one at a time,
-    as any message of a held key does. Called on the consumer's event loop.
+    back to the head of their lane, marked as redelivered, and run through
+    the guard one at a time, as any message of a held key does: a message
+    that was parked after all is recognised and not parked twice. Called
+    on the consumer's event loop.
     """
-    fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
     keeper = getattr(worker, "keeper", None)
     fence = keeper.fence_of(partition) if keeper is not None else None
+    versions = BOOK.versions
+    tenure = versions.get(partition)[1] if versions is not None else None
+
+    def failed(error: Any) -> None:
+        logger.warning("Could not park %d waiting messages of key %r of partition %s (%s); they run "
+                       "through the window one at a time instead.", len(batch), key, partition, error)
+        for entry in batch:
+            info = getattr(entry.message, "delivery_info", None)
+            if isinstance(info, dict):
+                info["redelivered"] = True  # the guard asks whether it was parked after all
+        LOOP.call(lambda: lanes.spill_failed(partition, key, batch))
+
+    if keeper is not None and fence is None:
+        failed("the worker does not hold the partition's lease")
+        return
 
     def acknowledge() -> None:
         logger.debug("Parked %d waiting messages of key %r of partition %s.", len(batch), key, partition)
-        for entry in list(batch):
+        for entry in batch:
+            if lanes.entry(entry.tag) is not entry:
+                continue  # the partition went back to its queue meanwhile: the copy is recognised
             try:
                 entry.message.ack()
             except Exception as exc:  # the connection closed: the copy that comes back is recognised
@@ -58,32 +81,42 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
                                "back is recognised as parked.", entry.tag, exc)
                 lanes.settled(entry.tag)
 
-    def failed(error: Any) -> None:
-        logger.warning("Could not park %d waiting messages of key %r of partition %s (%s); they run "
-                       "through the window one at a time instead.", len(batch), key, partition, error)
-        LOOP.call(lambda: lanes.spill_failed(partition, key, batch))
-
-    logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
     def done(_status: str) -> None:
         if worker_running():
             LOOP.call(acknowledge)
         else:  # a warm shutdown waits for the pool, not for the stopped loop: as Celery's threads pool does
             acknowledge()
 
-    run_in_pool(worker.pool, spill_in_worker, (key, partition, fields, fence), done=done, failed=failed)
+    fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
+    logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
+    run_in_pool(worker.pool, spill_in_worker, (key, partition, fields, fence, tenure),
+                done=done, failed=failed)
 
 
-def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None) -> str:
+def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None,
+                    tenure: int | None = None) -> str:
     """Pool side of :func:`spill_over`: park the messages; hold the key until they ran.
 
     A key that was active is now retrying, due now: its wake-up, published
     to its partition queue, runs the parked messages in order behind what
     its lane still holds. ``fence`` is the worker's fencing token of the
-    partition (Redis): a stale owner's write is refused.
+    partition (Redis): a stale owner's write is refused. Nothing is written
+    once the worker's lease of the partition may have lapsed, or once the
+    partition's messages started arriving again (``tenure`` changed: they
+    went back to the queue, and a copy may run meanwhile).
     """
+
+    def still_ours() -> None:
+        if not DEADLINES.allows(partition):
+            raise LeaseLapsed(f"the lease of partition {partition} may have lapsed")
+        versions = BOOK.versions
+        if tenure is not None and versions is not None and versions.get(partition)[1] != tenure:
+            raise LeaseLapsed(f"partition {partition} started a new tenure")
+
     token = FENCE.set(fence)
     try:
-        state, held_now = store.spill(key, partition, [Delivery(**f) for f in fields])
+        deliveries = [Delivery(**f) for f in fields]
+        state, held_now = store.spill(key, partition, deliveries, before_write=still_ours)
     finally:
         FENCE.reset(token)
     BOOK.set(key, partition, state.status)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -103,17 +103,22 @@ def park_held(delivery: Delivery) -> None:
         state.save(update_fields=["sequence", "updated_at"])
 
 
-def spill(key: str, partition: int, deliveries: list[Delivery]) -> tuple[AccountState, bool]:
+def spill(key: str, partition: int, deliveries: list[Delivery],
+          before_write: Callable[[], None] | None = None) -> tuple[AccountState, bool]:
     """Park a crowded key's waiting messages, in order, behind its parked ones; hold the key.
 
     An active key becomes retrying, due now, until its parked messages ran
-    (returns True then: the caller publishes its wake-up). A copy already
-    parked (a redelivery) is not parked twice.
+    (returns True then: the caller publishes its wake-up). A message still
+    parked under the same task id is not parked twice. ``before_write``
+    runs with the key's row locked, and may raise to write nothing.
     """
     with transaction.atomic():
         state = locked_state(key, partition)
+        if before_write is not None:
+            before_write()
         ids = [d.task_id for d in deliveries if d.task_id]
-        known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids).values_list("task_id", flat=True))
+        known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids, state=PARKED)
+                    .values_list("task_id", flat=True))
         for delivery in deliveries:
             if not delivery.task_id or delivery.task_id not in known:
                 _add_row(state, delivery, reason=Reason.OVERFLOW)

@@ -274,6 +274,17 @@ class Lanes:
             self._next(lanes, key, batch[0])
         self.run_on_loop(self._run)
 
+    def _hand_to_spill(self, partition: int, key: str, batch: list[Entry]) -> None:
+        """Hand ``batch`` to the spill; if that cannot be done (stopping, the pool gone), put it back."""
+        try:
+            if self.spill is None or not self.may_start():
+                raise RuntimeError("the worker is stopping")
+            self.spill(partition, key, batch)
+        except Exception as exc:
+            logger.warning("Could not hand %d messages of key %r to the spill (%r); they stay in the "
+                           "window.", len(batch), key, exc)
+            self.spill_failed(partition, key, batch)
+
     def _run(self) -> None:
         """Start the entries due to start, in order (on the loop); re-entrant calls only queue more."""
         if self._starting:
@@ -284,8 +295,7 @@ class Lanes:
                 with self._lock:
                     spills, self._to_spill = list(self._to_spill), deque()
                 for partition, key, batch in spills:
-                    if self.spill is not None:
-                        self.spill(partition, key, batch)
+                    self._hand_to_spill(partition, key, batch)
                 with self._lock:
                     if not self._to_start:
                         if self._to_spill:
@@ -321,6 +331,7 @@ class Lanes:
         """
         with self._lock:
             lanes = self._partitions.pop(partition, None)
+            self._to_spill = deque(spill for spill in self._to_spill if spill[0] != partition)
             if lanes is None:
                 return []
             dropped = list(lanes.entries())

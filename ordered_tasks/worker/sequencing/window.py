@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from celery.worker import state
-from kombu.compression import decompress
 from kombu.serialization import loads, prepare_accept_content
 
 from ...conf import get_settings
@@ -111,10 +110,8 @@ def lane_key(app: Any, message: Any) -> str | None:
     if spec is None:
         return BARRIER
     try:
-        body = message.body
-        if headers.get("compression"):  # Celery's task_compression
-            body = decompress(body, headers["compression"])
-        args, kwargs, _embed = loads(body, message.content_type, message.content_encoding,
+        # kombu's Message decompressed the body of a compressed one (Celery's task_compression).
+        args, kwargs, _embed = loads(message.body, message.content_type, message.content_encoding,
                                      accept=_accept(app.conf.accept_content))
         return spec.canonical(args, kwargs)
     except Exception:  # undecodable, or no valid key: parked when it runs
