@@ -22,7 +22,7 @@ from ordered_tasks.states import KeyStatus
 from ordered_tasks.worker.delivery import Delivery
 from ordered_tasks.worker.failures import control, spill, store
 from ordered_tasks.worker.failures.book import BOOK
-from ordered_tasks.worker.pooled import run_in_pool
+from ordered_tasks.worker.pooled import SideThread, run_in_pool
 from ordered_tasks.worker.sequencing.window import spill_at, spillable
 from tests.support.workload import parked, ran, same_partition_keys
 from tests.testapp.celery import app as celery_app
@@ -247,14 +247,6 @@ def test_a_record_under_the_same_task_id_does_not_keep_a_new_message_from_being_
     assert parked(key) == [("failed", "failed"), ("overflow", "parked")]
 
 
-class _Pool:
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Any, ...]] = []
-
-    def apply_async(self, fn: Any, args: tuple[Any, ...], callback: Any, error_callback: Any) -> None:
-        self.jobs.append(args)
-
-
 class _Keeper:
     def fence_of(self, partition: int) -> int | None:
         return None
@@ -271,10 +263,12 @@ def test_a_worker_without_the_partitions_lease_does_not_spill(monkeypatch: pytes
     for n in range(6):
         messages[n] = _Message(key, n, "r")
         lanes.admit(n, partition, key, lambda n=n: started.append(n), messages[n])
-    worker = type("Worker", (), {"pool": _Pool(), "keeper": _Keeper()})()
+    jobs: list[Any] = []
+    monkeypatch.setattr(spill.SPILLER, "submit", lambda *args, **kwargs: jobs.append(args))
+    worker = type("Worker", (), {"keeper": _Keeper()})()
     lanes.spill = lambda p, k, batch: spill.spill_over(worker, lanes, p, k, batch)
     lanes.settled(0)
-    assert worker.pool.jobs == []  # nothing handed to the pool
+    assert jobs == []  # nothing handed to the spill thread
     assert started == [0, 1]  # back in the lane, one at a time, marked as redelivered for the guard
     assert messages[1].delivery_info["redelivered"] is True
 
@@ -312,3 +306,16 @@ def test_a_partition_dropped_before_its_spill_was_handed_over_spills_nothing() -
     for call in deferred:
         call()
     assert spilled == []
+
+
+def test_a_side_thread_runs_jobs_in_order_and_reports_each() -> None:
+    side = SideThread("test-side")
+    reports: list[tuple[str, Any]] = []
+    done = threading.Event()
+    for n in range(5):
+        side.submit(_double, (n,), done=lambda v: reports.append(("done", v)), failed=lambda e: None)
+    side.submit(_boom, ("gone",), done=lambda v: None,
+                failed=lambda e: (reports.append(("failed", e)), done.set()))
+    assert done.wait(10)
+    assert reports == [("done", 0), ("done", 2), ("done", 4), ("done", 6), ("done", 8),
+                       ("failed", "RuntimeError('gone')")]

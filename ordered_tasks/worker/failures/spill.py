@@ -13,7 +13,7 @@ from django.utils import timezone
 from ...messages import publish_wake
 from ..delivery import Delivery
 from ..exclusivity.fencing import DEADLINES, FENCE
-from ..pooled import run_in_pool
+from ..pooled import SideThread
 from ..sequencing.handoff import LOOP
 from ..sequencing.lanes import Entry, Lanes
 from ..sequencing.window import worker_running
@@ -23,6 +23,10 @@ from .book import BOOK
 logger = logging.getLogger(__name__)
 #: Tries to publish a spilled key's wake-up.
 WAKE_ATTEMPTS = 3
+#: Where spills run: not in the pool, whose queue may hold whole windows of tasks ahead of them
+#: (the partition's other keys wait for the spill), but in one thread of the consumer's process,
+#: one batch after the other.
+SPILLER = SideThread("ordered-spill")
 
 
 def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:
@@ -42,7 +46,7 @@ class LeaseLapsed(Exception):
 
 
 def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[Entry]) -> None:
-    """Have a pool process park ``batch`` (waiting messages of ``key``, in delivery order).
+    """Have the spill thread park ``batch`` (waiting messages of ``key``, in delivery order).
 
     Once they are stored their messages are acknowledged, which settles
     them in ``lanes``; if storing fails (the database, a lost lease) they go
@@ -84,18 +88,18 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
     def done(_status: str) -> None:
         if worker_running():
             LOOP.call(acknowledge)
-        else:  # a warm shutdown waits for the pool, not for the stopped loop: as Celery's threads pool does
-            acknowledge()
+        else:  # the loop has stopped: the copies that come back are recognised as parked
+            logger.info("Parked %d waiting messages of key %r of partition %s as the worker stopped; "
+                        "they come back and are recognised.", len(batch), key, partition)
 
     fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
     logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
-    run_in_pool(worker.pool, spill_in_worker, (key, partition, fields, fence, tenure),
-                done=done, failed=failed)
+    SPILLER.submit(spill_in_worker, (key, partition, fields, fence, tenure), done=done, failed=failed)
 
 
 def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None,
                     tenure: int | None = None) -> str:
-    """Pool side of :func:`spill_over`: park the messages; hold the key until they ran.
+    """Spill thread's side of :func:`spill_over`: park the messages; hold the key until they ran.
 
     A key that was active is now retrying, due now: its wake-up, published
     to its partition queue, runs the parked messages in order behind what

@@ -74,14 +74,21 @@ def check_fence(partition: int, fence: int) -> None:
         row.save(update_fields=["fence", "updated_at"])
 
 
-def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
+def _new_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
+    """The next parked row of the key (not saved yet)."""
     account.sequence += 1
-    return ParkedMessage.objects.create(**{
+    return ParkedMessage(**{
         "key": delivery.key, "partition": delivery.partition, "position": account.sequence,
         "task_name": delivery.task_name[:255], "task_id": delivery.task_id[:255], "body": delivery.body,
         "content_type": delivery.content_type, "content_encoding": delivery.content_encoding,
         "headers": delivery.headers, **fields,
     })
+
+
+def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
+    row = _new_row(account, delivery, **fields)
+    row.save(force_insert=True)
+    return row
 
 
 def _put(account: AccountState, row: ParkedMessage | None, delivery: Delivery | None,
@@ -119,9 +126,9 @@ def spill(key: str, partition: int, deliveries: list[Delivery],
         ids = [d.task_id for d in deliveries if d.task_id]
         known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids, state=PARKED)
                     .values_list("task_id", flat=True))
-        for delivery in deliveries:
-            if not delivery.task_id or delivery.task_id not in known:
-                _add_row(state, delivery, reason=Reason.OVERFLOW)
+        ParkedMessage.objects.bulk_create([  # one statement for the batch
+            _new_row(state, delivery, reason=Reason.OVERFLOW) for delivery in deliveries
+            if not delivery.task_id or delivery.task_id not in known])
         held_now = state.status == KeyStatus.ACTIVE
         if held_now:
             state.epoch += 1
