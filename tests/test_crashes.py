@@ -102,6 +102,33 @@ def test_a_killed_owner_is_replaced_within_seconds(app: Celery, start_workers: A
     assert_in_order(results, run, keys=10, per_key=5)
 
 
+def test_a_standby_wakes_a_key_the_killed_owner_held_without_a_wake_up(
+        app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    """The owner parked a crowded key's messages and was killed before it published the wake-up."""
+    import json
+
+    from ordered_tasks.worker.delivery import Delivery
+    from ordered_tasks.worker.failures import store
+
+    run, key = uuid.uuid4().hex, f"held-{uuid.uuid4().hex[:8]}"
+    partition = partition_for(key)
+    owner = start_workers(1)
+    start_workers(1)  # the standby
+    name = "tests.testapp.tasks.ordered_record"
+    parked = [Delivery(key=key, partition=partition, task_name=name, task_id=str(uuid.uuid4()),
+                       body=json.dumps([[], {"run": run, "key": key, "seq": seq}, {}]).encode(),
+                       content_type="application/json", content_encoding="utf-8",
+                       headers={"task": name, "ordered_key": key, "ordered_partition": partition})
+              for seq in (1, 2, 3)]
+    store.spill(key, partition, parked)  # held, and no wake-up on its way
+    for main in owner.child_pids():
+        subprocess.run(["kill", "-KILL", str(main)], check=False)
+    owner.process.send_signal(signal.SIGKILL)
+    app.tasks[name].apply_async(kwargs={"run": run, "key": key, "seq": 4})  # the next event of the key
+    eventually(lambda: recorded(results, run, key) == [1, 2, 3, 4], timeout=60,
+               what="the standby to wake the key and run its parked messages, then the new one")
+
+
 def recorded(results: redis.Redis, run: str, key: str) -> list[int]:
     return [int(s) for s in results.lrange(f"{run}:key:{key}", 0, -1)]
 

@@ -268,7 +268,9 @@ def test_with_several_pool_processes_a_blocked_key_is_held_in_every_one_of_them(
     eventually(lambda: len(parked(bad)) == 9, what="the failed message and the eight behind it")
     assert ran(results, run, bad) == [1, 2, 3]
     assert ran(results, run, good) == list(range(1, 13)) and ran(results, run, other) == list(range(1, 13))
-    assert parked(bad) == [("failed", "parked")] + [("key_held", "parked")] * 8
+    # Parked one by one behind the block, or (eight waiting in the window at once) in one batch.
+    assert parked(bad)[0] == ("failed", "parked")
+    assert set(parked(bad)[1:]) <= {("key_held", "parked"), ("overflow", "parked")}
     assert status(bad) == "blocked"
 
 

@@ -84,3 +84,7 @@ class SideThread:
                 (done if ok else failed)(value)
             except Exception:
                 logger.exception("A callback of %s failed", self.name)
+
+
+#: The side thread of this process: crowded keys' spills, the wake-ups of a new tenure.
+SIDE = SideThread("ordered-side")

@@ -84,9 +84,10 @@ def _switch(target: Plan, name: str, value: bool) -> None:
                      f"{WorkloadConfig.switches() + NemesisConfig.switches()}")
 
 
-#: The pools (with their concurrency) and windows a run draws from.
+#: The pools (with their concurrency) and windows a run draws from (8 and 16 spill a hot key's
+#: waiting messages, in batches of 4 and 8).
 POOLS: tuple[tuple[str, int], ...] = (("prefork", 1), ("prefork", 2), ("threads", 4), ("threads", 8), ("solo", 1))
-WINDOWS = (1, 4, 16)
+WINDOWS = (1, 4, 8, 16)
 
 
 def drawn(p: Plan, seed: int) -> Plan:

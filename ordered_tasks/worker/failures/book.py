@@ -97,15 +97,17 @@ class Versions:
         else:
             self._arrived.difference_update(partitions)
 
-    def arrived(self, partition: int) -> None:
+    def arrived(self, partition: int) -> bool:
         """Main process, before the message goes to a pool process: a message of ``partition`` arrived.
 
         The first one of a tenure counts a tenure, so that the process that
-        runs it reads the partition's key states again.
+        runs it reads the partition's key states again; returns True for it.
         """
         if partition not in self._arrived and 0 <= partition < self.partitions:
             self._arrived.add(partition)
             self._increment(2 * partition + 1)
+            return True
+        return False
 
 
 class KeyBook:
@@ -191,10 +193,9 @@ class KeyBook:
         if self.versions is not None:
             self.versions.new_tenure(partitions)
 
-    def arrived(self, partition: int) -> None:
-        """Main process: see :meth:`Versions.arrived` (nothing to do without shared counters)."""
-        if self.versions is not None:
-            self.versions.arrived(partition)
+    def arrived(self, partition: int) -> bool:
+        """Main process: see :meth:`Versions.arrived` (False without shared counters)."""
+        return self.versions is not None and self.versions.arrived(partition)
 
     def forget(self) -> None:
         """Drop everything (the next message of each partition reloads it)."""

@@ -20,6 +20,7 @@ from ...signals import key_resumed
 from ...states import ControlAction, KeyStatus
 from ..delivery import CONTENT_ENTRY, FENCE_ENTRY
 from ..exclusivity.fencing import FENCE
+from ..pooled import SIDE
 from ..redelivery.ledger import ledger_for
 from ..redelivery.revokes import is_revoked
 from . import store
@@ -159,7 +160,8 @@ def run_parked(app: Celery, row: ParkedMessage) -> Outcome:
     except Exception as exc:
         return _block(row, store.Reason.UNDECODABLE, store.describe(exc)[0])
     request: dict[str, Any] = {
-        **row.headers, **(embed or {}), "args": args, "kwargs": kwargs, "is_eager": False,
+        **row.headers, **(embed or {}), "id": row.task_id or row.headers.get("id"),
+        "args": args, "kwargs": kwargs, "is_eager": False,
         "hostname": gethostname(),
         "delivery_info": {"exchange": "", "routing_key": queue_of_key(row.key).queue.name,
                           "priority": None, "redelivered": False},
@@ -185,6 +187,19 @@ def _block(row: ParkedMessage, reason: str, error: str) -> Outcome:
     store.block(row.key, row.partition, row=row, reason=reason, error=error, attempts=row.attempts)
     announce_blocked(row.key, row.partition, row.task_name, row.task_id, error, reason)
     return Outcome.BLOCKED
+
+
+def wake_retrying(app: Celery, partition: int) -> None:
+    """A new tenure of ``partition`` began: publish its retrying keys' wake-ups again, on the side thread.
+
+    The previous owner may have been killed after it held a key and before
+    it published the key's wake-up (a spill, an in-place retry); without
+    this the key would wait for a worker of the partition to start.
+    """
+    def failed(error: Any) -> None:
+        logger.warning("Could not wake the retrying keys of partition %s: %s", partition, error)
+
+    SIDE.submit(recover_retries, (app, [partition]), done=lambda _count: None, failed=failed)
 
 
 def recover_retries(app: Celery, partitions: list[int] | tuple[int, ...] | Any) -> int:

@@ -18,6 +18,7 @@ from ..health.figures import FIGURES
 from ..sequencing.window import hand_back_in_place
 from ..setup import ordered_worker
 from .book import BOOK
+from .control import wake_retrying
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
@@ -44,7 +45,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
         entries = self._request_dict  # type: ignore[attr-defined]
         entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
         partition = delivered_partition(entries)
-        BOOK.arrived(partition)
+        if BOOK.arrived(partition) and self.app is not None:
+            wake_retrying(self.app, partition)
         setup = ordered_worker(self.app)
         keeper = setup.keeper if setup is not None else None
         if keeper is not None:

@@ -13,7 +13,7 @@ from django.utils import timezone
 from ...messages import publish_wake
 from ..delivery import Delivery
 from ..exclusivity.fencing import DEADLINES, FENCE
-from ..pooled import SideThread
+from ..pooled import SIDE
 from ..sequencing.handoff import LOOP
 from ..sequencing.lanes import Entry, Lanes
 from ..sequencing.window import worker_running
@@ -26,7 +26,7 @@ WAKE_ATTEMPTS = 3
 #: Where spills run: not in the pool, whose queue may hold whole windows of tasks ahead of them
 #: (the partition's other keys wait for the spill), but in one thread of the consumer's process,
 #: one batch after the other.
-SPILLER = SideThread("ordered-spill")
+SPILLER = SIDE
 
 
 def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:

@@ -13,6 +13,7 @@ from ..pooled import run_in_pool
 from ..sequencing.window import hand_back_in_place
 from . import store
 from .book import BOOK
+from .control import wake_retrying
 from .guard import park_misfit
 from .placement import key_of_partition
 
@@ -45,7 +46,9 @@ def hand_over(worker: Any, message: Any, reason: str, error: str,
     partition = partition_of_message(message)
     if partition is None:
         return False
-    BOOK.arrived(partition)
+    app = getattr(getattr(worker, "consumer", worker), "app", None)
+    if BOOK.arrived(partition) and app is not None:
+        wake_retrying(app, partition)
     delivery = Delivery.from_message(message, partition)
     logger.error("Parking message %s of key %r (%s): %s", delivery.task_id or "?", delivery.key,
                  reason, error)
