@@ -132,8 +132,9 @@ def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fenc
 def _wake(key: str, due: Any) -> None:
     """Publish the key's wake-up; the messages are parked already, so a failure must not undo the spill.
 
-    Without its wake-up the key waits for the worker's next start (which
-    wakes every retrying key), or for an operator's replay: said at CRITICAL.
+    Without its wake-up the key waits for its partition's next tenure (a
+    restart, a takeover, a reconnect: it wakes the partition's retrying
+    keys), or for an operator's replay: said at CRITICAL.
     """
     for attempt in range(WAKE_ATTEMPTS):
         try:
@@ -143,4 +144,5 @@ def _wake(key: str, due: Any) -> None:
             error = exc
             time.sleep(0.5 * (attempt + 1))
     logger.critical("Key %r holds parked messages but its wake-up could not be published (%r): it runs "
-                    "them at the worker's next start, or replay it from the admin.", key, error)
+                    "them when its partition is next taken over or reconnected, or replay it from the "
+                    "admin.", key, error)
