@@ -263,7 +263,10 @@ class Lanes:
             if lanes is None or current is None or not all(e in batch for e in current):
                 return
             del lanes.spilling[key]
-            self._no_spill[key] = time.monotonic() + SPILL_PAUSE
+            now = time.monotonic()
+            if len(self._no_spill) > 1000:  # a long outage: forget the pauses that are over
+                self._no_spill = {k: until for k, until in self._no_spill.items() if until > now}
+            self._no_spill[key] = now + SPILL_PAUSE
             back = [e for e in batch if self._by_tag.get(e.tag) is e]
             waiting = lanes.waiting.setdefault(key, deque())
             for entry in reversed(back):
