@@ -94,11 +94,12 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
 
     fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
     logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
-    SPILLER.submit(spill_in_worker, (key, partition, fields, fence, tenure), done=done, failed=failed)
+    app = getattr(worker, "app", None)
+    SPILLER.submit(spill_in_worker, (key, partition, fields, fence, tenure, app), done=done, failed=failed)
 
 
 def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None,
-                    tenure: int | None = None) -> str:
+                    tenure: int | None = None, app: Any = None) -> str:
     """Spill thread's side of :func:`spill_over`: park the messages; hold the key until they ran.
 
     A key that was active is now retrying, due now: its wake-up, published
@@ -107,7 +108,8 @@ def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fenc
     partition (Redis): a stale owner's write is refused. Nothing is written
     once the worker's lease of the partition may have lapsed, or once the
     partition's messages started arriving again (``tenure`` changed: they
-    went back to the queue, and a copy may run meanwhile).
+    went back to the queue, and a copy may run meanwhile). ``app`` publishes
+    the wake-up (Celery's current app of the thread by default).
     """
 
     def still_ours() -> None:
@@ -125,11 +127,11 @@ def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fenc
         FENCE.reset(token)
     BOOK.set(key, partition, state.status)
     if held_now:
-        _wake(key, state.retry_at or timezone.now())
+        _wake(app or current_app, key, state.retry_at or timezone.now())
     return str(state.status)
 
 
-def _wake(key: str, due: Any) -> None:
+def _wake(app: Any, key: str, due: Any) -> None:
     """Publish the key's wake-up; the messages are parked already, so a failure must not undo the spill.
 
     Without its wake-up the key waits for its partition's next tenure (a
@@ -138,7 +140,7 @@ def _wake(key: str, due: Any) -> None:
     """
     for attempt in range(WAKE_ATTEMPTS):
         try:
-            publish_wake(current_app, key, due)
+            publish_wake(app, key, due)
             return
         except Exception as exc:  # the broker went away
             error = exc
