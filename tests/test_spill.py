@@ -264,7 +264,7 @@ def test_a_worker_without_the_partitions_lease_does_not_spill(monkeypatch: pytes
         messages[n] = _Message(key, n, "r")
         lanes.admit(n, partition, key, lambda n=n: started.append(n), messages[n])
     jobs: list[Any] = []
-    monkeypatch.setattr(spill.SPILLER, "submit", lambda *args, **kwargs: jobs.append(args))
+    monkeypatch.setattr(spill.SIDE, "submit", lambda *args, **kwargs: jobs.append(args))
     worker = type("Worker", (), {"keeper": _Keeper()})()
     lanes.spill = lambda p, k, batch: spill.spill_over(worker, lanes, p, k, batch)
     lanes.settled(0)

@@ -8,7 +8,9 @@ from typing import Any, Mapping
 
 from kombu.serialization import dumps, registry  # type: ignore[attr-defined]
 
+from ..exceptions import InvalidKeyError
 from ..options import KEY_HEADER, PARTITION_HEADER
+from ..partitioning import canonical_key, partition_of
 
 #: Request entries that are not message headers (Celery adds them in the worker).
 _NOT_HEADERS = frozenset({
@@ -17,6 +19,9 @@ _NOT_HEADERS = frozenset({
     "loglevel", "logfile", "utc", "ordered_content", "ordered_rerun", "ordered_fence", "_children",
     "task_name",
 })
+#: The key under which messages are kept that belong to no key of their partition (no
+#: usable key, or a key of another partition). No real key is empty, so they hold nothing up.
+NO_KEY = ""
 #: Request entry (set by :class:`~ordered_tasks.worker.failures.request.OrderedRequest`)
 #: carrying the content type and encoding of the received body.
 CONTENT_ENTRY = "ordered_content"
@@ -35,6 +40,17 @@ def queue_partition(delivery_info: Mapping[str, Any] | None) -> int | None:
 
     queue = (delivery_info or {}).get("routing_key")
     return get_settings().partition_of_queue(queue) if isinstance(queue, str) else None
+
+
+def key_of_partition(raw: object, partition: int) -> str:
+    """``raw`` (an ``ordered_key`` header) as a key of ``partition``, else :data:`NO_KEY`."""
+    from ..conf import get_settings
+
+    try:
+        key = canonical_key(raw)
+    except InvalidKeyError:
+        return NO_KEY
+    return key if partition_of(key, get_settings().partitions) == partition else NO_KEY
 
 
 def delivered_partition(entries: Mapping[str, Any]) -> int:

@@ -189,13 +189,22 @@ def _block(row: ParkedMessage, reason: str, error: str) -> Outcome:
     return Outcome.BLOCKED
 
 
-def wake_retrying(app: Celery, partition: int) -> None:
-    """A new tenure of ``partition`` began: publish its retrying keys' wake-ups again, on the side thread.
+def arrived(app: Celery | None, partition: int) -> None:
+    """Main process: a message of ``partition`` arrived (see :meth:`.book.KeyBook.arrived`).
 
-    The previous owner may have been killed after it held a key and before
-    it published the key's wake-up (a spill, an in-place retry); without
-    this the key would wait for a worker of the partition to start.
+    The first one of a tenure also publishes the partition's retrying keys'
+    wake-ups again, on the side thread: the previous owner may have been
+    killed after it held a key and before it published the key's wake-up
+    (a spill, an in-place retry); without this the key would wait for a
+    worker of the partition to start.
     """
+    if BOOK.arrived(partition) and app is not None:
+        wake_retrying(app, partition)
+
+
+def wake_retrying(app: Celery, partition: int) -> None:
+    """Publish the wake-ups of ``partition``'s retrying keys on the side thread (see :func:`arrived`)."""
+
     def failed(error: Any) -> None:
         logger.warning("Could not wake the retrying keys of partition %s: %s", partition, error)
 

@@ -21,11 +21,11 @@ from ...messages import publish_wake
 from ...models import AccountState
 from ...options import KEY_HEADER, PARTITION_HEADER
 from ...states import KeyStatus
-from ..delivery import RERUN_ENTRY, Delivery
+from ..delivery import NO_KEY, RERUN_ENTRY, Delivery
 from ..redelivery.ledger import Ledger, ledger_for
 from . import store
 from .book import BOOK
-from .placement import NO_KEY, Misfit, place
+from .placement import Misfit, place
 from .retry import InPlaceRetry, Parked, seconds_until
 
 if TYPE_CHECKING:

@@ -12,12 +12,9 @@ from ...models import ParkedMessage
 from ...options import KEY_HEADER, PARTITION_HEADER
 from ...partitioning import MAX_KEY_LENGTH, canonical_key, partition_of
 from ...routing import key_spec_for
-from ..delivery import queue_partition
+from ..delivery import NO_KEY, queue_partition
 
 Reason = ParkedMessage.Reason
-#: The key under which messages are kept that belong to no key of their partition (no
-#: usable key, or a key of another partition). No real key is empty, so they hold nothing up.
-NO_KEY = ""
 
 
 @dataclass(frozen=True)
@@ -53,15 +50,6 @@ def shown_key(raw: object) -> str:
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{text[:MAX_KEY_LENGTH - 20]}...#{digest}"
-
-
-def key_of_partition(raw: object, partition: int) -> str:
-    """``raw`` (an ``ordered_key`` header) as a key of ``partition``, else :data:`NO_KEY`."""
-    try:
-        key = canonical_key(raw)
-    except InvalidKeyError:
-        return NO_KEY
-    return key if partition_of(key, get_settings().partitions) == partition else NO_KEY
 
 
 def place(task: Any, request: Any, args: Any, kwargs: Any) -> Placement:

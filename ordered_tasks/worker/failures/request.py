@@ -17,8 +17,7 @@ from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partit
 from ..health.figures import FIGURES
 from ..sequencing.window import hand_back_in_place
 from ..setup import ordered_worker
-from .book import BOOK
-from .control import wake_retrying
+from .control import arrived
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
@@ -45,8 +44,7 @@ class OrderedRequest(Request):  # type: ignore[misc]
         entries = self._request_dict  # type: ignore[attr-defined]
         entries[CONTENT_ENTRY] = [self._content_type, self._content_encoding]  # type: ignore[attr-defined]
         partition = delivered_partition(entries)
-        if BOOK.arrived(partition) and self.app is not None:
-            wake_retrying(self.app, partition)
+        arrived(self.app, partition)
         setup = ordered_worker(self.app)
         keeper = setup.keeper if setup is not None else None
         if keeper is not None:

@@ -23,10 +23,6 @@ from .book import BOOK
 logger = logging.getLogger(__name__)
 #: Tries to publish a spilled key's wake-up.
 WAKE_ATTEMPTS = 3
-#: Where spills run: not in the pool, whose queue may hold whole windows of tasks ahead of them
-#: (the partition's other keys wait for the spill), but in one thread of the consumer's process,
-#: one batch after the other.
-SPILLER = SIDE
 
 
 def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:
@@ -95,7 +91,9 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
     fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
     logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
     app = getattr(worker, "app", None)
-    SPILLER.submit(spill_in_worker, (key, partition, fields, fence, tenure, app), done=done, failed=failed)
+    # Not in the pool, whose queue may hold whole windows of tasks ahead of the spill (and the
+    # partition's other keys wait for it), but on the side thread, one batch after the other.
+    SIDE.submit(spill_in_worker, (key, partition, fields, fence, tenure, app), done=done, failed=failed)
 
 
 def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None,

@@ -239,7 +239,7 @@ def park_unrunnable(delivery: Delivery, reason: str, error: str) -> AccountState
 def refuse(delivery: Delivery, reason: str, error: str) -> AccountState:
     """Keep a message that belongs to no key of its partition as a record; nothing is held.
 
-    ``delivery.key`` is :data:`~ordered_tasks.worker.failures.placement.NO_KEY`; the
+    ``delivery.key`` is :data:`~ordered_tasks.worker.delivery.NO_KEY`; the
     message's headers and body say what it was.
     """
     with transaction.atomic():

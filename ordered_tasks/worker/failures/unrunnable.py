@@ -7,15 +7,13 @@ import logging
 from typing import Any, Callable
 
 from ...models import ParkedMessage
-from ..delivery import Delivery, queue_partition
+from ..delivery import Delivery, key_of_partition, queue_partition
 from ..exclusivity.fencing import FENCE
 from ..pooled import run_in_pool
 from ..sequencing.window import hand_back_in_place
 from . import store
-from .book import BOOK
-from .control import wake_retrying
+from .control import arrived
 from .guard import park_misfit
-from .placement import key_of_partition
 
 logger = logging.getLogger(__name__)
 Reason = ParkedMessage.Reason
@@ -46,9 +44,7 @@ def hand_over(worker: Any, message: Any, reason: str, error: str,
     partition = partition_of_message(message)
     if partition is None:
         return False
-    app = getattr(getattr(worker, "consumer", worker), "app", None)
-    if BOOK.arrived(partition) and app is not None:
-        wake_retrying(app, partition)
+    arrived(getattr(getattr(worker, "consumer", worker), "app", None), partition)
     delivery = Delivery.from_message(message, partition)
     logger.error("Parking message %s of key %r (%s): %s", delivery.task_id or "?", delivery.key,
                  reason, error)

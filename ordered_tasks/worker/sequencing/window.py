@@ -11,10 +11,9 @@ from celery.worker import state
 from kombu.serialization import loads, prepare_accept_content
 
 from ...conf import get_settings
-from ...exceptions import InvalidKeyError
 from ...options import KEY_HEADER, PARTITION_HEADER
-from ...partitioning import canonical_key, partition_of
 from ...routing import key_spec_for
+from ..delivery import key_of_partition
 from .handoff import LOOP
 from .lanes import BARRIER, Entry, Lanes
 
@@ -163,14 +162,10 @@ def spillable(message: Any, partition: int, key: str | None) -> bool:
     headers = message.headers if isinstance(message.headers, dict) else {}
     if info.get("redelivered") or headers.get("redelivered"):
         return False
-    try:
-        if canonical_key(headers.get(KEY_HEADER)) != key:
-            return False
-    except InvalidKeyError:
+    header_partition = headers.get(PARTITION_HEADER)
+    if header_partition != partition or isinstance(header_partition, bool):
         return False
-    if headers.get(PARTITION_HEADER) != partition or isinstance(headers.get(PARTITION_HEADER), bool):
-        return False
-    return partition_of(key, get_settings().partitions) == partition
+    return key_of_partition(headers.get(KEY_HEADER), partition) == key
 
 
 def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any]) -> bool:
@@ -184,15 +179,15 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
     if lanes is None:
         return False
     tag, key = message.delivery_tag, lane_key(consumer.app, message)
+    control = is_control(consumer.app, message)
     delay = seconds_to_eta(message) if key is not BARRIER else 0.0
-    if delay > 0 and is_control(consumer.app, message):
+    if delay > 0 and control:
         release = getattr(getattr(message.channel, "qos", None), "hold", None)
         if release is not None:
             release(tag)  # Redis: its slot in the window is free until it is due
         consumer.timer.call_after(delay, lanes.admit, (tag, partition, key, start, message, True, False),
                                   priority=6)
         return True
-    control = is_control(consumer.app, message)
     lanes.admit(tag, partition, key, start, message, control=control,
                 spillable=not control and spillable(message, partition, key))
     return True
