@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -312,6 +313,63 @@ def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redi
     assert not ledger.completed(2, f"task-{kept}")
     assert ledgers.LEDGER_SIZE <= results.zcard(ledger._key(3)) < ledgers.LEDGER_SIZE + ledgers.TRIM_EVERY
     results.delete(ledger._key(3))
+
+
+def test_completions_in_the_consumers_process_are_sent_before_the_next_acknowledgement(
+        results: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the consumer runs tasks itself (threads, solo), a completion waits for the next
+    acknowledgement, which sends every waiting one first; a pool process sends its own at once."""
+    from ordered_tasks.worker.redelivery import ledger as ledgers
+
+    prefix = f"ledger-{uuid.uuid4().hex[:8]}"
+    ledger = ledgers.Ledger(results, prefix)
+    monkeypatch.setattr(ledgers, "_LEDGERS", {("app", prefix): ledger})
+    monkeypatch.setattr(ledgers, "_ACKNOWLEDGES_HERE", -1)  # a prefork pool process
+    ledger.record(1, "sent-at-once")
+    ledger.writer.flush()
+    assert results.zscore(ledger._key(1), "sent-at-once") is not None
+    monkeypatch.setattr(ledgers, "_ACKNOWLEDGES_HERE", os.getpid())  # the consumer's process
+    ledger.record(1, "noted")
+    ledger.record(2, "noted-too")
+    ledger.writer.flush()
+    assert results.zscore(ledger._key(1), "noted") is None
+    ledgers.flush_completions()
+    ledger.writer.flush()
+    assert results.zscore(ledger._key(1), "noted") is not None
+    assert results.zscore(ledger._key(2), "noted-too") is not None
+    ledger.record(3, "asked")  # a read sends what waits first
+    assert ledger.completed(3, "asked")
+    results.delete(ledger._key(1), ledger._key(2), ledger._key(3))
+
+
+def test_a_thread_whose_completion_another_thread_sends_waits_for_that_send(
+        results: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ordered_tasks.worker.redelivery import ledger as ledgers
+
+    ledger = ledgers.Ledger(results, f"ledger-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setattr(ledgers, "_ACKNOWLEDGES_HERE", os.getpid())
+    sending, release, sent = threading.Event(), threading.Event(), []
+
+    def slow_send(*commands: tuple[object, ...]) -> None:
+        sending.set()
+        assert release.wait(10)
+        sent.extend(command[3] for command in commands)
+
+    monkeypatch.setattr(ledger.writer, "send", slow_send)
+    ledger.record(1, "a")
+    first = threading.Thread(target=ledger.send_noted)
+    first.start()
+    assert sending.wait(10)
+    ledger.record(1, "b")  # noted while "a" is on its way: a later send takes it
+    returned = threading.Event()
+    second = threading.Thread(target=lambda: (ledger.send_noted(), returned.set()))
+    second.start()
+    assert not returned.wait(0.3)  # "b" has not left: its acknowledgement must wait
+    release.set()
+    assert returned.wait(10)
+    first.join(10)
+    second.join(10)
+    assert sent == ["a", "b"]
 
 
 def test_threads_asking_at_once_share_one_ledger(redis_broker: str, apps: dict[str, Celery],

@@ -26,6 +26,7 @@ from .failures.book import BOOK
 from .failures.spill import spill_over
 from .failures.unrunnable import hand_over, partition_of_message
 from .health.figures import FIGURES
+from .redelivery.ledger import acknowledged_here
 from .sequencing.handoff import LOOP
 from .sequencing.window import SPILL, admit
 from .setup import ordered_worker
@@ -160,6 +161,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         """
         handle = super().create_task_handler(*args, **kwargs)
         LOOP.attach(getattr(self, "hub", None))
+        acknowledged_here()  # tasks run in this process note their completions until acknowledged
         SPILL.handler = functools.partial(spill_over, self)
 
         def start(message: Any) -> Any:

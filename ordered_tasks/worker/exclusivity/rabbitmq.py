@@ -9,6 +9,7 @@ from kombu.transport import pyamqp
 
 from ...conf import get_settings
 from ...queues import partition_queue
+from ..redelivery.ledger import flush_completions
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import new_lanes
 from ..setup import ordered_worker
@@ -61,6 +62,7 @@ class Channel(pyamqp.Channel):  # type: ignore[misc]
         return super().basic_qos(0, get_settings().window, False)
 
     def basic_ack(self, delivery_tag: Any, *args: Any, **kwargs: Any) -> Any:
+        flush_completions()  # the completion ledger first: a redelivered copy is recognised
         try:
             return super().basic_ack(delivery_tag, *args, **kwargs)
         finally:

@@ -120,6 +120,7 @@ def drain(app: Celery, key: str, partition: int, batch: int = DRAIN_BATCH) -> st
         if outcome == Outcome.OK:
             if ledger is not None and row.task_id:  # a copy still in the broker is recognised
                 ledger.record(partition, row.task_id)
+                ledger.send_noted()  # before its row goes: no acknowledgement follows here
             store.delete_parked(row)
         elif outcome == Outcome.HANDED_BACK:
             # The key stays retrying; its partition's owner (this worker or a new one)

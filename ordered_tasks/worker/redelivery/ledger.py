@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -24,6 +24,20 @@ LEDGER_SIZE = 1000
 TRIM_EVERY = 64
 
 
+#: The process whose consumer sends the acknowledgements of the tasks it runs itself
+#: (threads, solo and green pools): its completions wait for the next acknowledgement.
+_ACKNOWLEDGES_HERE = 0
+
+
+def acknowledged_here() -> None:
+    """Called by the consumer: the tasks it runs in its own process are acknowledged here.
+
+    Their completions are then sent by :func:`flush_completions`, before each acknowledgement.
+    """
+    global _ACKNOWLEDGES_HERE
+    _ACKNOWLEDGES_HERE = os.getpid()
+
+
 class Ledger:
     """Per partition, the ids of the last tasks completed on its consumer (:data:`LEDGER_SIZE` or more).
 
@@ -39,35 +53,74 @@ class Ledger:
         self.writes = 0
         self.writer = Unanswered(client.connection_pool, "the completion ledger")
         self.size = max(LEDGER_SIZE, 4 * get_settings().window)
+        #: Completions noted in the consumer's process and not sent yet, and how many were
+        #: noted and sent in all (a flush sends everything noted before it).
+        self._pending: list[tuple[Any, ...]] = []
+        self._noted = 0
+        self._sent = 0
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
 
     def _key(self, partition: int) -> str:
         return f"ordered_tasks:completed:{queue_name(self.prefix, partition)}"
 
     def flush(self) -> None:
-        """Read the replies of the writes sent so far (a refused write is logged)."""
+        """Send the noted completions, then read the replies of the writes sent so far."""
+        self.send_noted()
         self.writer.flush()
 
     def record(self, partition: int, task_id: str) -> None:
         """Note that ``task_id`` completed; a failure is logged.
 
-        The command is sent without waiting for its reply (replies are read
-        in batches, see :class:`Unanswered`): the task's acknowledgement does
-        not wait a round trip, and the write has left the process before the
-        task returns, so it reaches Redis even if the worker dies right after.
+        In a prefork pool process the command is sent at once, without
+        waiting for its reply (replies are read in batches, see
+        :class:`Unanswered`): the write has left the process before the task
+        returns and the consumer's process acknowledges it. Where the
+        consumer runs the task in its own process (threads, solo and green
+        pools), the completion is noted, and the next acknowledgement sent in
+        the process sends every noted completion first, in one write
+        (:func:`flush_completions`): the record still precedes the
+        acknowledgement, and 32 threads no longer take turns at a socket for
+        every task (a fifth of the throughput of a threads worker).
         """
         key = self._key(partition)
         self.writes += 1
         commands: list[tuple[Any, ...]] = [("ZADD", key, time.time(), task_id)]
         if self.writes % TRIM_EVERY == 0:
             commands.append(("ZREMRANGEBYRANK", key, 0, -self.size - 1))
+        if os.getpid() == _ACKNOWLEDGES_HERE:
+            with self._pending_lock:
+                self._pending.extend(commands)
+                self._noted += 1
+            return
         try:
             self.writer.send(*commands)
         except redis.RedisError as exc:
             logger.warning("Could not record completion of %s: %r", task_id, exc)
 
+    def send_noted(self) -> None:
+        """Send the completions noted so far; returns once they (and those noted before) have left.
+
+        A thread whose completion another thread is sending waits for that send.
+        """
+        if self._sent >= self._noted or os.getpid() != _ACKNOWLEDGES_HERE:
+            return
+        with self._flush_lock:
+            with self._pending_lock:
+                commands, self._pending = self._pending, []
+                noted = self._noted
+            try:
+                if commands:
+                    self.writer.send(*commands)
+            except redis.RedisError as exc:
+                logger.warning("Could not record the completion of %d tasks: %r", noted - self._sent, exc)
+            finally:
+                self._sent = noted
+
     def completed(self, partition: int, task_id: str) -> bool:
         """Whether ``task_id`` is among the tasks ``partition`` completed recently."""
         try:
+            self.send_noted()
             return self.writer.ask("ZSCORE", self._key(partition), task_id) is not None
         except redis.RedisError as exc:
             logger.warning("Could not read the completion ledger: %r", exc)
@@ -92,8 +145,39 @@ def ledger_for(app: Any) -> Ledger | None:
     """The ledger of this process, or None when no Redis is configured or available."""
     conf = get_settings()
     key = (id(app), conf.queue_prefix)
+    if key in _LEDGERS:  # asked for every task: no lock once it exists
+        return _LEDGERS[key]
     with _LEDGERS_LOCK:
         if key not in _LEDGERS:
             client = coordination_client(app)
             _LEDGERS[key] = Ledger(client, conf.queue_prefix) if client is not None else None
         return _LEDGERS[key]
+
+
+def turn_off(app: Any) -> Callable[[], None]:
+    """No completion ledger for ``app`` in this process (the testing helper redelivers nothing).
+
+    Returns the function that turns it back on.
+    """
+    key = (id(app), get_settings().queue_prefix)
+    with _LEDGERS_LOCK:
+        had, before = key in _LEDGERS, _LEDGERS.get(key)
+        _LEDGERS[key] = None
+
+    def restore() -> None:
+        with _LEDGERS_LOCK:
+            if had:
+                _LEDGERS[key] = before
+            else:
+                _LEDGERS.pop(key, None)
+
+    return restore
+
+
+def flush_completions() -> None:
+    """Send the completions noted in this process: called before an acknowledgement is sent."""
+    if _ACKNOWLEDGES_HERE != os.getpid():
+        return
+    for ledger in list(_LEDGERS.values()):
+        if ledger is not None:
+            ledger.send_noted()

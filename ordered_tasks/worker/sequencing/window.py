@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from celery.worker import state
+from kombu.message import Message
 from kombu.serialization import loads, prepare_accept_content
 
 from ...conf import get_settings
@@ -109,12 +110,23 @@ def lane_key(app: Any, message: Any) -> str | None:
     if spec is None:
         return BARRIER
     try:
-        # kombu's Message decompressed the body of a compressed one (Celery's task_compression).
-        args, kwargs, _embed = loads(message.body, message.content_type, message.content_encoding,
-                                     accept=_accept(app.conf.accept_content))
+        args, kwargs, _embed = _payload(app, message)
         return spec.canonical(args, kwargs)
     except Exception:  # undecodable, or no valid key: parked when it runs
         return BARRIER
+
+
+def _payload(app: Any, message: Any) -> Any:
+    """The decoded body; a kombu message keeps it, and Celery's request then reads it from there.
+
+    kombu's ``Message`` decompressed the body of a compressed one (Celery's
+    ``task_compression``) and decodes with the consumer's accepted content
+    types, as Celery does.
+    """
+    if isinstance(message, Message):
+        return message.decode()
+    return loads(message.body, message.content_type, message.content_encoding,
+                 accept=_accept(app.conf.accept_content))
 
 
 def _accept(content_types: Any) -> Any:

@@ -9,6 +9,8 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
 
+from ..redelivery.ledger import flush_completions
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,6 +73,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         self.hold(delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
+        flush_completions()  # the completion ledger first: a redelivered copy is recognised
         if self._closed("acknowledge", delivery_tag):
             return
         forget = getattr(self.channel, "forget", None)
