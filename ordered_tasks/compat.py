@@ -139,15 +139,40 @@ def guard_task(task: Any, mixin: type) -> None:
     Celery has no way to give a registered task another base class, and
     other modules hold the task object itself, so its class is swapped
     for a subclass, once per worker process.
+
+    The task's own options among ``mixin.task_options`` (set by its
+    decorator, ``@shared_task(failure_policy="continue")``, or by its base
+    class) are kept: the mixin's defaults only fill in what it left unset.
     """
     cls = type(task)
     if issubclass(cls, mixin):
         return
     guarded = _GUARDED.get((cls, mixin))
     if guarded is None:
-        guarded = type(f"Guarded{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        own = _own_options(cls, getattr(mixin, "task_options", ()))
+        guarded = type(f"Guarded{cls.__name__}", (mixin, cls), {"__module__": cls.__module__, **own})
         _GUARDED[(cls, mixin)] = guarded
     task.__class__ = guarded
+
+
+def unguard_task(task: Any, cls: type) -> None:
+    """Give a task that :func:`guard_task` guarded its class ``cls`` back (the testing helper)."""
+    if type(task) is not cls and issubclass(type(task), cls):
+        task.__class__ = cls
+
+
+def _own_options(cls: type, names: Iterator[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``names`` that ``cls`` or a base class below Celery's ``Task`` sets."""
+    from celery.app.task import Task
+
+    own: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is Task:
+            break
+        for name in names:
+            if name in vars(klass) and name not in own:
+                own[name] = vars(klass)[name]
+    return own
 
 
 def make_hub_ready_aware(hub: Any, hub_class: type) -> None:

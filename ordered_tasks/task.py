@@ -39,6 +39,9 @@ class GuardedTaskMixin:
     Request = "ordered_tasks.worker.failures.request:OrderedRequest"
     #: What a failure does once retries are exhausted: ``"block"`` or ``"continue"``.
     failure_policy = "block"
+    #: Options that a plain task ordered by ``ROUTES`` keeps from its own class
+    #: (see :func:`~ordered_tasks.compat.guard_task`).
+    task_options = ("failure_policy", "default_retry_delay")
     #: Seconds before an in-place retry that names no delay (Celery's default is 180).
     default_retry_delay = DEFAULT_RETRY_DELAY
     #: True for the control task, which runs even while its key is held.

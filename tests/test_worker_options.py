@@ -135,6 +135,16 @@ def test_worker_refuses_an_ordered_task_acknowledged_early_and_guards_routed_tas
     assert app.tasks["events.routed_plain"].failure_policy == "block"
     assert not isinstance(app.tasks["unrelated.plain"], GuardedTaskMixin)
 
+    # A routed task's own failure policy and retry delay are kept; the guard's fill in the rest.
+    @app.task(name="events.lenient_plain", failure_policy="continue", default_retry_delay=30)
+    def lenient(key: str) -> None: ...
+
+    check_tasks(app)
+    assert isinstance(app.tasks["events.lenient_plain"], GuardedTaskMixin)
+    assert app.tasks["events.lenient_plain"].failure_policy == "continue"
+    assert app.tasks["events.lenient_plain"].default_retry_delay == 30
+    assert app.tasks["events.routed_plain"].default_retry_delay == GuardedTaskMixin.default_retry_delay
+
     @app.task(name="events.early", acks_late=False)
     def early(key: str) -> None: ...
 
