@@ -35,3 +35,7 @@ class KeyNotBlockedError(OrderedTaskError):
 
 class StaleOwnerError(OrderedTaskError):
     """A worker that lost its partition's lease tried to change the state of its keys."""
+
+
+class RunnerError(OrderedTaskError):
+    """The testing helper, :class:`~ordered_tasks.testing.OrderedTasksRunner`, cannot do what was asked."""
