@@ -246,6 +246,37 @@ def test_the_reliable_fetch_takes_one_message_per_queue_and_acknowledges_without
     channel.queue_purge(first.name)
 
 
+def test_one_fetch_takes_each_queue_up_to_its_free_places_and_a_takeover_keeps_their_order(
+        channel: Any) -> None:
+    """A fetch takes several messages at once, each queue up to its free places in the window, each
+    recorded with a later delivery time than the one before, so that they come back in order."""
+    channel.fetch_reliably(3)
+    first, second = (_queue(f"q-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    _publish(channel, first, "a1", "a2", "a3", "a4", "a5")
+    _publish(channel, second, "b1", "b2")
+    consumer, held, _drain = holding_consumer(channel, [first, second])
+    consumer.consume()
+    channel.connection.cycle.on_poll_start()  # one call of the script
+    assert channel._brpop_read()  # its reply hands on every message it took
+    by_queue = {q.name: [m.payload for m in held if m.delivery_info["routing_key"] == q.name]
+                for q in (first, second)}
+    assert by_queue == {first.name: ["a1", "a2", "a3"], second.name: ["b1", "b2"]}
+    assert channel._size(first.name) == 2 and channel._size(second.name) == 0
+    raw = redis.Redis(connection_pool=channel.pool)
+    in_delivery_order = [tag.decode() for tag in raw.zrange(channel.unacked_index_key, 0, -1)
+                         if tag.decode() in {m.delivery_tag for m in held}]
+    assert in_delivery_order == [m.delivery_tag for m in held]
+    channel.connection.cycle.on_poll_start()
+    with pytest.raises(Empty):  # the first queue's window is full, the second is empty
+        channel._brpop_read()
+    consumer.cancel()  # the worker dies: the next owner puts them back at the head, in order
+    assert restore_to_head(channel, first.name) == 3
+    assert [channel.basic_get(first.name, no_ack=True).payload for _ in range(5)] == [
+        "a1", "a2", "a3", "a4", "a5"]
+    assert restore_to_head(channel, second.name) == 2
+    assert [channel.basic_get(second.name, no_ack=True).payload for _ in range(2)] == ["b1", "b2"]
+
+
 def test_the_fetch_script_is_sent_once_then_called_by_its_hash_and_sent_again_when_redis_forgot_it(
         channel: Any) -> None:
     from tests.conftest import holding_consumer

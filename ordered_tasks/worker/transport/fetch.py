@@ -13,6 +13,8 @@ from uuid import uuid4
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 from ...conf import get_settings
 from ..sequencing.lanes import Lanes
@@ -35,11 +37,19 @@ ACK_RETRY = 1.0
 #: crowded in the worker's window.
 LOOK_AHEAD = 64
 
-#: Pop the first message of the first non-empty queue and record it as unacknowledged,
-#: in one step. KEYS: the queues, then kombu's unacked hash and unacked index. ARGV: the
-#: time, a delivery tag for a message that has none, then each queue's name (as in KEYS,
-#: without prefix and priority suffix), then for each queue a JSON list of its crowded keys
-#: ('' for none).
+#: Messages one fetch takes at most, from all the queues it looks at.
+FETCH_BATCH = 64
+#: Seconds between the delivery times of the messages of one fetch (their order at a takeover).
+DELIVERY_STEP = 1e-6
+
+#: Pop the first messages of the queues, each queue up to its free places in the window,
+#: and record each as unacknowledged, in one step. KEYS: the queues, then kombu's unacked
+#: hash and unacked index. ARGV: the time of delivery of the first message (each next one
+#: DELIVERY_STEP later), a delivery tag base for a message that has none, the most messages
+#: to take, then each queue's name (as in KEYS, without prefix and priority suffix), then
+#: for each queue a JSON list of its crowded keys ('' for none), then each queue's free
+#: places (priority lists of one queue share them). Returns the queue name and the message
+#: of each message taken, in the order taken, or false.
 #:
 #: A queue with crowded keys gives its first message whose ``ordered_key`` header is a
 #: string that is not crowded, looking through at most LOOK_AHEAD messages; the messages
@@ -62,10 +72,8 @@ local function key_of(item)
   if type(key) == 'string' then return key end
   return nil
 end
-local function take(queue, crowded_json)
-  if crowded_json == '' then return redis.call('RPOP', queue) end
-  local crowded = {}
-  for _, key in ipairs(cjson.decode(crowded_json)) do crowded[key] = true end
+local function take(queue, crowded)
+  if crowded == nil then return redis.call('RPOP', queue) end
   local items = redis.call('LRANGE', queue, -LOOK_AHEAD, -1)
   for j = #items, 1, -1 do
     local key = key_of(items[j])
@@ -79,10 +87,25 @@ local function take(queue, crowded_json)
   return false
 end
 local count = (#KEYS - 2)
+local most = tonumber(ARGV[3])
+local at = tonumber(ARGV[1])
+local free = {}
+for i = 1, count do free[ARGV[3 + i]] = tonumber(ARGV[3 + 2 * count + i]) or 0 end
+local taken = {}
+local n = 0
 for i = 1, count do
-  local item = take(KEYS[i], ARGV[2 + count + i] or '')
-  if item then
-    local queue = ARGV[2 + i]
+  local queue = ARGV[3 + i]
+  local crowded = nil
+  local crowded_json = ARGV[3 + count + i] or ''
+  if crowded_json ~= '' then
+    crowded = {}
+    for _, key in ipairs(cjson.decode(crowded_json)) do crowded[key] = true end
+  end
+  while n < most and free[queue] > 0 do
+    local item = take(KEYS[i], crowded)
+    if not item then break end
+    n = n + 1
+    free[queue] = free[queue] - 1
     local tag, record
     local ok, message = pcall(cjson.decode, item)
     local props = ok and type(message) == 'table' and message['properties']
@@ -92,7 +115,7 @@ for i = 1, count do
       tag = props['delivery_tag']
       record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(queue) .. ']'
     else
-      tag = ARGV[2]
+      tag = ARGV[2] .. '-' .. n
       item = cjson.encode({body = hex(item), ['content-type'] = 'application/data',
                            ['content-encoding'] = 'binary', headers = {['x-ordered-tasks-raw'] = 'hex'},
                            properties = {delivery_tag = tag,
@@ -100,12 +123,15 @@ for i = 1, count do
       record = '[' .. item .. ',"",' .. cjson.encode(queue) .. ']'
     end
     redis.call('HSET', KEYS[count + 1], tag, record)
-    redis.call('ZADD', KEYS[count + 2], ARGV[1], tag)
-    return {KEYS[i], item}
+    redis.call('ZADD', KEYS[count + 2], string.format('%.6f', at + (n - 1) * DELIVERY_STEP), tag)
+    taken[#taken + 1] = queue
+    taken[#taken + 1] = item
   end
+  if n >= most then break end
 end
-return false
-""".replace("LOOK_AHEAD", str(LOOK_AHEAD))
+if n == 0 then return false end
+return taken
+""".replace("LOOK_AHEAD", str(LOOK_AHEAD)).replace("DELIVERY_STEP", repr(DELIVERY_STEP))
 _FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
 
 
@@ -188,8 +214,11 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         connection = channel.client.connection
         channel._in_poll = connection
         channel._brpop_sent_at = monotonic()
-        self._fetched_at = max(time(), self._fetched_at + 1e-6)  # never earlier than the last fetch
-        arguments = (len(keys), *keys, repr(self._fetched_at), uuid4().hex, *names, *self._crowded(names))
+        # Never earlier than the last message of the last fetch.
+        self._fetched_at = max(time(), self._fetched_at + FETCH_BATCH * DELIVERY_STEP)
+        free = [str(window - in_window[name]) for name in names]
+        arguments = (len(keys), *keys, f"{self._fetched_at:.6f}", uuid4().hex, FETCH_BATCH, *names,
+                     *self._crowded(names), *free)
         if self._script_on is connection:
             connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
         else:  # Redis caches the script as it runs it
@@ -277,6 +306,8 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
+            if self.fetches_reliably:
+                return self._read_fetched(**options)
             return _read_reply(self, **options)
         except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts: nothing ran
             self._script_on = None
@@ -285,6 +316,29 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
             if self.fetches_reliably:
                 self._idle_until = monotonic() + IDLE_WAIT
             raise
+
+
+    def _read_fetched(self, **options: Any) -> bool:
+        """Read the script's reply and hand on each message it took, in order (kombu's read, for several)."""
+        channel: Any = self
+        try:
+            try:
+                reply = channel.client.parse_response(channel.client.connection, "EVALSHA", **options)
+            except channel.connection_errors:
+                channel.client.connection.disconnect()  # the next fetch reconnects
+                raise
+            if not reply:
+                raise Empty()
+            for queue, item in zip(reply[::2], reply[1::2], strict=True):
+                queue = bytes_to_str(queue)
+                channel._queue_cycle.rotate(queue)
+                channel.connection._deliver(loads(bytes_to_str(item)), queue)
+            return True
+        finally:
+            channel._in_poll = None
+            reauthenticate = getattr(channel, "_flush_brpop_reauth", None)  # kombu 5.7
+            if reauthenticate is not None:
+                reauthenticate()
 
 
 class ReliableSentinelChannel(ReliableChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
