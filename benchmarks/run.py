@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import random
+import shlex
 import signal
 import statistics
 import subprocess
@@ -35,10 +36,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BROKERS = {"redis": "redis://127.0.0.1:6379/11", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
-VARIANTS = ("default", "safe", "lock", "ordered")
+VARIANTS = ("default", "safe", "solo", "lock", "ordered")
 LABELS = {
     "default": "plain Celery, default worker (prefork, early ack, prefetch 4)",
     "safe": "plain Celery, safe worker (late ack, prefetch 1)",
+    "solo": "plain Celery, N solo workers (late ack, prefetch 1)",
     "lock": "plain Celery + Redis lock per key",
     "ordered": "ordered_tasks",
 }
@@ -123,13 +125,19 @@ def _worker_command(variant: str, processes: int, pool: str, layout: str = "pool
         return [*base, "-Q", "bench.plain", "--prefetch-multiplier", "4"]
     if variant == "safe":
         return [*base, "-Q", "bench.plain", "--prefetch-multiplier", "1", "-O", "fair"]
+    if variant == "solo":  # the strongest safe plain layout: no pool, no IPC, one message each
+        workers = [shlex.join([sys.executable, "-m", "celery", "-A", "bench_project.celery:app", "worker",
+                               "-P", "solo", "-n", f"solo{n}@%h", "-Q", "bench.plain",
+                               "--prefetch-multiplier", "1", *quiet]) for n in range(processes)]
+        return ["sh", "-c", " & ".join(workers) + " & wait"]
     return [*base, "-Q", "bench.locked", "--prefetch-multiplier", "1", "-O", "fair"]
 
 
 def _task(variant: str) -> Any:
     from bench_project import tasks
 
-    return {"default": tasks.plain_task, "safe": tasks.safe_task, "lock": tasks.locked_task,
+    return {"default": tasks.plain_task, "safe": tasks.safe_task, "solo": tasks.safe_task,
+            "lock": tasks.locked_task,
             "ordered": tasks.ordered_step}[variant]
 
 
@@ -372,11 +380,12 @@ def _ratio(results: list[Result], r: Result, variant: str) -> str:
 def rst_table(results: list[Result], overhead: dict[str, float], publish: dict[str, dict[str, float]],
               repeat: int, pool: str, layout: str = "pool") -> str:
     """The results as the reStructuredText the benchmarks page includes."""
-    header = ["broker", "variant", "procs", "publish/s", "drain/s", "vs default", "vs safe",
+    header = ["broker", "variant", "procs", "publish/s", "drain/s", "vs default", "vs safe", "vs solo",
               "p50 ms", "p99 ms", "order violations", "RSS MB"]
-    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 9 9 5 8 8 8 8 6 6 9 6", ""]
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 9 9 5 8 8 8 8 8 6 6 9 6", ""]
     rows = [header] + [[r.broker, r.variant, str(r.processes), f"{r.publish_per_s:.0f}",
                         f"{r.drain_per_s:.0f}", _ratio(results, r, "default"), _ratio(results, r, "safe"),
+                        _ratio(results, r, "solo"),
                         f"{r.latency_p50_ms:.1f}", f"{r.latency_p99_ms:.1f}", str(r.order_violations),
                         f"{r.rss_mb:.0f}"] for r in results]
     for row in rows:
@@ -414,12 +423,13 @@ def plot(results: list[Result], path: Path) -> bool:
         for i, variant in enumerate(VARIANTS):
             values = [next((r.drain_per_s for r in results if (r.broker, r.variant, r.processes)
                             == (broker, variant, n)), 0.0) for n in counts]
-            ax.bar([c + (i - 1.5) * width for c in range(len(counts))], values, width, label=LABELS[variant])
+            offset = i - (len(VARIANTS) - 1) / 2
+            ax.bar([c + offset * width for c in range(len(counts))], values, width, label=LABELS[variant])
         ax.set_xticks(range(len(counts)), [f"{n} process{'es' if n > 1 else ''}" for n in counts])
         ax.set_title(f"Drain throughput on {broker} (tasks/s)")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(VARIANTS), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -234,8 +234,10 @@ def test_a_key_is_crowded_once_it_has_its_share_of_the_window(rec: Recorder) -> 
     assert rec.lanes.crowded_keys(0, 3) == ["a"]
     assert sorted(rec.lanes.crowded_keys(0, 1)) == ["a", "b"]
     assert rec.lanes.crowded_keys(1, 1) == []  # another partition
+    assert rec.lanes.crowded(3) == {0: ["a"]}  # every partition in one look
+    assert {p: sorted(keys) for p, keys in rec.lanes.crowded(1).items()} == {0: ["a", "b"]}
     rec.lanes.settled("a0")
-    assert rec.lanes.crowded_keys(0, 3) == []
+    assert rec.lanes.crowded_keys(0, 3) == [] and rec.lanes.crowded(3) == {}
 
 
 class _Message:

@@ -347,12 +347,23 @@ class Lanes:
         """The keys of ``partition`` with ``limit`` or more messages in the window (running and waiting)."""
         with self._lock:
             lanes = self._partitions.get(partition)
-            if lanes is None:
-                return []
-            keys = {*lanes.running, *lanes.spilling}
-            return [key for key in keys
-                    if key is not BARRIER and (key in lanes.running) + len(lanes.waiting.get(key, ()))
-                    + len(lanes.spilling.get(key, ())) >= limit]
+            return self._crowded_in(lanes, limit) if lanes is not None else []
+
+    def crowded(self, limit: int) -> dict[int, list[str]]:
+        """:meth:`crowded_keys` of every partition that has some (one look, for a fetch of many queues)."""
+        with self._lock:
+            found = {partition: self._crowded_in(lanes, limit)
+                     for partition, lanes in self._partitions.items()
+                     if lanes.waiting or lanes.spilling or limit <= 1}
+        return {partition: keys for partition, keys in found.items() if keys}
+
+    @staticmethod
+    def _crowded_in(lanes: _Partition, limit: int) -> list[str]:
+        # A key with nothing waiting or spilling has one message in the window at most.
+        keys = {*lanes.running, *lanes.spilling} if limit <= 1 else {*lanes.waiting, *lanes.spilling}
+        return [key for key in keys
+                if key is not BARRIER and (key in lanes.running) + len(lanes.waiting.get(key, ()))
+                + len(lanes.spilling.get(key, ())) >= limit]
 
     def counts(self) -> dict[int, tuple[int, int]]:
         """Per partition: messages running (started, unsettled) and waiting."""
