@@ -10,7 +10,7 @@ from typing import Any, Callable
 from django.db import transaction
 from django.db.models import F
 
-from .models import Account, Member, Office
+from .models import Account, HandledEvent, Member, Office
 
 
 class EventError(Exception):
@@ -50,20 +50,37 @@ HANDLERS: dict[str, Callable[..., None]] = {
 }
 
 
-def apply_event(account_id: int, seq: int, kind: str, data: dict[str, Any]) -> None:
-    """Apply one event, recording order violations and failures on the account."""
+def apply_event(account_id: int, seq: int, kind: str, data: dict[str, Any], run: str = "") -> None:
+    """Apply one event; record on the account and as a ``HandledEvent`` whether it came late or failed.
+
+    An event is late (run out of order) when a later event of its account ran before it, failed or
+    not; a failed event leaves the account as it was.
+    """
+    late = failed = False
     try:
         with transaction.atomic():
             account = Account.objects.select_for_update().get(pk=account_id)
-            if seq < account.last_seq:
-                Account.objects.filter(pk=account_id).update(out_of_order=F("out_of_order") + 1)
-            else:
-                Account.objects.filter(pk=account_id).update(last_seq=seq)
-            HANDLERS[kind](account, **data)
-    except EventError:
-        Account.objects.filter(pk=account_id).update(failed=F("failed") + 1)
-    finally:
-        Account.objects.filter(pk=account_id).update(processed=F("processed") + 1)
+            late = seq < account.last_seq
+            try:
+                with transaction.atomic():
+                    HANDLERS[kind](account, **data)
+            except EventError:
+                failed = True
+            Account.objects.filter(pk=account_id).update(
+                last_seq=max(seq, account.last_seq), out_of_order=F("out_of_order") + int(late),
+                failed=F("failed") + int(failed), processed=F("processed") + 1)
+            _record(run, account_id, seq, kind, late, failed)
+    except Exception:
+        # Count it anyway, so that the demo does not wait for an event that will never finish.
+        with transaction.atomic():
+            Account.objects.filter(pk=account_id).update(failed=F("failed") + 1, processed=F("processed") + 1)
+            _record(run, account_id, seq, kind, late, True)
+        raise
+
+
+def _record(run: str, account_id: int, seq: int, kind: str, late: bool, failed: bool) -> None:
+    HandledEvent.objects.create(run=run, account_id=account_id, seq=seq, kind=kind, finished=time.time(),
+                                out_of_order=late, failed=failed)
 
 
 @dataclass

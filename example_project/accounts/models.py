@@ -34,3 +34,18 @@ class Member(models.Model):
 
     class Meta:
         unique_together = [("account", "email")]
+
+
+class HandledEvent(models.Model):
+    """One event a worker handled: when it finished and how it went (the demo plots these)."""
+
+    run = models.CharField(max_length=20, help_text="Which task ran it: plain, ordered or external.")
+    account_id = models.IntegerField(help_text="The account (kept when the demo resets the accounts).")
+    seq = models.IntegerField(help_text="Publish sequence number of the event within its account.")
+    kind = models.CharField(max_length=50, help_text="Event type.")
+    finished = models.FloatField(help_text="Unix time at which the worker finished it.")
+    out_of_order = models.BooleanField(default=False, help_text="It ran after a later event of its account.")
+    failed = models.BooleanField(default=False, help_text="It could not be applied.")
+
+    class Meta:
+        indexes = [models.Index(fields=["run", "account_id"])]

@@ -93,6 +93,9 @@ CELERY_RESULT_EXTENDED = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
+# The queue of the demo's plain Celery worker.
+EXAMPLE_PLAIN_QUEUE = os.environ.get("EXAMPLE_PLAIN_QUEUE", "example.plain")
+
 ORDERED_TASKS = {
     "PARTITIONS": int(os.environ.get("ORDERED_PARTITIONS", "8")),
     "QUEUE_PREFIX": os.environ.get("ORDERED_QUEUE_PREFIX", "example.ordered"),
