@@ -154,7 +154,9 @@ class Lanes:
             lanes = self._partitions.get(entry.partition)
             if lanes is not None:
                 self._remove(lanes, entry)
-        if lanes is not None:
+            # Most settles free nothing (no later message of the key waits): the loop sleeps on.
+            due = bool(self._to_start or self._to_spill)
+        if due:
             self.run_on_loop(self._run)
         return entry
 
