@@ -31,11 +31,16 @@ setup(
             "django-celery-results>=2.5",
             "selenium>=4.20",
             "import-linter>=2.1",
+            "prometheus_client>=0.17",
+            "PyYAML>=6",
+            "matplotlib>=3.7",
         ],
-        "demo": ["django-celery-results>=2.5"],
+        "demo": ["django-celery-results>=2.5", "matplotlib>=3.7"],
         "bench": ["psycopg[binary]>=3.1", "matplotlib>=3.7"],
         "lint": ["ruff>=0.6", "mypy>=1.10", "django-stubs>=5.0", "celery-types>=0.22", "import-linter>=2.1"],
         "docs": ["sphinx>=7"],
+        # Prometheus metrics of the ordered workers (ORDERED_TASKS["METRICS_PORT"]).
+        "metrics": ["prometheus_client>=0.17"],
     },
     classifiers=[
         "Framework :: Django",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +32,11 @@ class BrokerUnavailable(Exception):
 
 
 def queue_figures(broker_url: str, prefix: str, partitions: int,
-                  transport_options: Mapping[str, Any] | None = None) -> dict[int, QueueFigures]:
-    """Depth (and on Redis the head's age) of every partition queue, in one connection."""
-    names = {p: queue_name(prefix, p) for p in range(partitions)}
+                  transport_options: Mapping[str, Any] | None = None,
+                  only: Iterable[int] | None = None) -> dict[int, QueueFigures]:
+    """Depth (and on Redis the head's age) of every partition queue (or ``only`` those), in one connection."""
+    numbers = range(partitions) if only is None else sorted(p for p in set(only) if 0 <= p < partitions)
+    names = {p: queue_name(prefix, p) for p in numbers}
     try:
         if is_redis(broker_url):
             return _redis(broker_url, names, transport_options)

@@ -23,12 +23,15 @@ DEFAULTS: dict[str, Any] = {
     "CELERY_APP": None,
     "REDIS_URL": None,
     "WINDOW": 16,
+    "METRICS_PORT": None,
 }
 #: URL schemes of a Redis server (broker, leases, completion ledger).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PARTITIONS = 4096
 #: The largest ``WINDOW``: unacknowledged messages a consumer holds per partition.
 MAX_WINDOW = 1000
+#: The highest TCP port.
+MAX_PORT = 65535
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:]*(\.[A-Za-z0-9_\-:]+)*$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -54,6 +57,9 @@ class OrderedTasksSettings:
     #: Unacknowledged messages a partition's consumer holds at once (the messages of
     #: different keys among them run at the same time, those of one key one by one).
     window: int = 16
+    #: TCP port of the Prometheus metrics of worker process 0; worker *i* serves them on
+    #: ``metrics_port + i``. None: no metrics.
+    metrics_port: int | None = None
 
     def coordination_url(self, broker_url: str | None) -> str | None:
         """Redis for leases and the completion ledger: ``REDIS_URL``, else a Redis broker."""
@@ -126,6 +132,13 @@ def find_problems(raw: Any) -> list[Problem]:
             "ordered_tasks.E008", f"ORDERED_TASKS['WINDOW'] is {window!r}.",
             f"Use a whole number from 1 to {MAX_WINDOW}: the unacknowledged messages a worker "
             "holds per partition. 1 runs one task at a time per partition; the default is 16."))
+    port = raw.get("METRICS_PORT", DEFAULTS["METRICS_PORT"])
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 1 <= port <= MAX_PORT):
+        problems.append(Problem(
+            "ordered_tasks.E009", f"ORDERED_TASKS['METRICS_PORT'] is {port!r}.",
+            f"Use None (no metrics) or a TCP port from 1 to {MAX_PORT}: worker process i of "
+            "ordered_worker serves its Prometheus metrics on METRICS_PORT + i."))
     return problems
 
 
@@ -167,6 +180,7 @@ def build(raw: Any) -> OrderedTasksSettings:
         celery_app=merged["CELERY_APP"],
         redis_url=merged["REDIS_URL"],
         window=merged["WINDOW"],
+        metrics_port=merged["METRICS_PORT"],
     )
 
 

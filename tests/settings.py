@@ -92,6 +92,8 @@ ORDERED_TASKS = {
     "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14") or None,
     # Worker subprocesses of a test may get another window (start_workers(..., window=N)).
     "WINDOW": int(os.environ.get("TEST_WINDOW", "16")),
+    # Worker subprocesses of a test may serve Prometheus metrics (tests/test_metrics.py).
+    "METRICS_PORT": int(os.environ["TEST_METRICS_PORT"]) if os.environ.get("TEST_METRICS_PORT") else None,
 }
 # Fast hashing: the admin tests create users with passwords.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

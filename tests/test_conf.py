@@ -43,6 +43,10 @@ def test_read_lazily_and_refreshed_on_change(settings) -> None:
         ({"ROUTES": {"a.*": -1}}, "ordered_tasks.E005", "positional index"),
         ({"CELERY_APP": 3}, "ordered_tasks.E006", "dotted path"),
         ({"REDIS_URL": "amqp://localhost"}, "ordered_tasks.E007", "Redis URL"),
+        ({"METRICS_PORT": 0}, "ordered_tasks.E009", "TCP port from 1 to 65535"),
+        ({"METRICS_PORT": 70000}, "ordered_tasks.E009", "METRICS_PORT + i"),
+        ({"METRICS_PORT": "9100"}, "ordered_tasks.E009", "TCP port"),
+        ({"METRICS_PORT": True}, "ordered_tasks.E009", "TCP port"),
         ("16", "ordered_tasks.E001", "must be a dict"),
     ],
 )
@@ -59,6 +63,14 @@ def test_check_runs_through_manage_py_check(settings) -> None:
     settings.ORDERED_TASKS = {"PARTITIONS": 0}
     with pytest.raises(SystemCheckError, match=r"ordered_tasks\.E003"):
         call_command("check")
+
+
+def test_metrics_port_is_off_by_default_and_read_when_set(settings) -> None:
+    settings.ORDERED_TASKS = {}
+    assert get_settings().metrics_port is None
+    settings.ORDERED_TASKS = {"METRICS_PORT": 9100}
+    assert get_settings().metrics_port == 9100
+    assert check_settings() == []
 
 
 def test_routes_compile_globs_and_regexes(settings) -> None:

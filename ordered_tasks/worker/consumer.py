@@ -25,6 +25,7 @@ from .exclusivity.rabbitmq import consume_declarable_queues
 from .failures.book import BOOK
 from .failures.spill import spill_over
 from .failures.unrunnable import hand_over, partition_of_message
+from .health import metrics
 from .health.figures import FIGURES
 from .redelivery.ledger import acknowledged_here
 from .sequencing.handoff import LOOP
@@ -114,6 +115,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         BOOK.new_tenure()
         FIGURES.new_tenure()
         if connection.transport.driver_type == "amqp":
+            metrics.connection_replaced()  # RabbitMQ may have made a standby the active consumer
             self.initial_prefetch_count = get_settings().window
             consume_declarable_queues(self.app, connection)
         return connection

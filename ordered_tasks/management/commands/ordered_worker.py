@@ -10,8 +10,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ordered_tasks.conf import get_settings
-from ordered_tasks.exceptions import OrderedTaskError
+from ordered_tasks.conf import MAX_PORT, get_settings
+from ordered_tasks.exceptions import ConfigurationError, OrderedTaskError
 from ordered_tasks.worker.launch.options import (
     POOLS,
     check_celery_args,
@@ -49,6 +49,9 @@ class Command(BaseCommand):
         parser.add_argument("--app", default=None,
                             help="Celery app, as for 'celery -A' "
                                  "(default: ORDERED_TASKS['CELERY_APP'] or the current app).")
+        parser.add_argument("--metrics-port", type=int, default=None,
+                            help="Serve Prometheus metrics: worker i on this port + i "
+                                 "(default: ORDERED_TASKS['METRICS_PORT'], None: no metrics).")
         parser.add_argument("celery_args", nargs="*",
                             help="Further 'celery worker' options, after '--'.")
 
@@ -78,6 +81,8 @@ class Command(BaseCommand):
         per_worker = cores // concurrency if options["pool"] == "prefork" else cores
         processes = options["processes"] or max(1, per_worker)
         groups = split_partitions(partitions, processes)
+        asked = options.get("metrics_port")
+        metrics_port = metrics_ports(conf.metrics_port if asked is None else asked, len(groups))
         children = []
         for index, group in enumerate(groups):
             name = child_hostname(options["hostname"], index)
@@ -86,5 +91,21 @@ class Command(BaseCommand):
                     "--hostname", name, "--concurrency", str(concurrency)]
             if options["app"]:
                 argv += ["--app", options["app"]]
+            if metrics_port is not None:
+                argv += ["--metrics-port", str(metrics_port + index)]
             children.append(Child(name=name, argv=[*argv, "--", *celery_args]))
         return children
+
+
+def metrics_ports(base: int | None, processes: int) -> int | None:
+    """The metrics port of worker 0 (worker *i* takes ``base + i``), checked; None: no metrics."""
+    if base is None:
+        return None
+    if not 1 <= base <= MAX_PORT - processes + 1:
+        raise ConfigurationError(
+            f"Metrics port {base}: the {processes} worker process(es) would serve on ports {base} to "
+            f"{base + processes - 1}; use a port from 1 to {MAX_PORT - processes + 1}.")
+    from ordered_tasks.worker.health.metrics import require_client
+
+    require_client()
+    return base

@@ -15,6 +15,7 @@ from kombu.utils.json import loads
 
 from ...partitioning import queue_name
 from ...queues import partition_queue
+from ..health import metrics
 from .fencing import DEADLINES
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class LeaseKeeper:
         channel = task_consumer.channel
         for partition in sorted(self.consuming - held):
             self.consuming.discard(partition)
+            metrics.partition_owned(partition, False)
             task_consumer.cancel_by_queue(partition_queue(self.prefix, partition).name)
             lanes = getattr(channel, "lanes", None)
             if lanes is not None:  # what waits in the window is the next owner's now
@@ -148,6 +150,7 @@ class LeaseKeeper:
                 task_consumer.add_queue(queue)
                 task_consumer.consume()
             self.consuming.add(partition)
+            metrics.partition_owned(partition, True)
             logger.info("Consuming partition %d (fence %d; %d message(s) put back at its head).",
                         partition, fence, restored)
 
@@ -159,6 +162,7 @@ class LeaseKeeper:
         self._stopped.set()
         for partition in list(self.leases):
             DEADLINES.set(partition, 0.0)  # nothing starts once the lease may be another's
+            metrics.partition_owned(partition, False)
             try:
                 self._release(keys=[self.lease_key(partition)], args=[self.owner])
             except redis.RedisError as exc:

@@ -20,6 +20,7 @@ from ...signals import key_resumed
 from ...states import ControlAction, KeyStatus
 from ..delivery import CONTENT_ENTRY, FENCE_ENTRY
 from ..exclusivity.fencing import FENCE
+from ..health import metrics
 from ..pooled import SIDE
 from ..redelivery.ledger import ledger_for
 from ..redelivery.revokes import is_revoked
@@ -76,6 +77,7 @@ def apply_control(app: Celery, key: str, action: str | ControlAction, request_id
     if outcome != "applied":
         logger.info("%s of key %r: %s", action, key, outcome)
         return outcome
+    metrics.count(partition, metrics.SKIPS if action == ControlAction.SKIP else metrics.REPLAYS)
     BOOK.set(key, partition, KeyStatus.RETRYING)
     status = drain(app, key, partition)
     ControlRequest.objects.filter(pk=request.pk).update(outcome=f"applied; key is {status}")
@@ -199,8 +201,10 @@ def arrived(app: Celery | None, partition: int) -> None:
     (a spill, an in-place retry); without this the key would wait for a
     worker of the partition to start.
     """
-    if BOOK.arrived(partition) and app is not None:
-        wake_retrying(app, partition)
+    if BOOK.arrived(partition):
+        metrics.partition_owned(partition, True)  # on RabbitMQ, the first sign that it is ours
+        if app is not None:
+            wake_retrying(app, partition)
 
 
 def wake_retrying(app: Celery, partition: int) -> None:

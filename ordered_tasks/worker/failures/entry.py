@@ -10,6 +10,7 @@ from celery.exceptions import Reject
 from ...options import KEY_HEADER
 from ..delivery import FENCE_ENTRY, delivered_partition, queue_partition
 from ..exclusivity.fencing import DEADLINES, FENCE
+from ..health import metrics
 from .control import apply_control
 from .guard import requeue_unless_stored, run_guarded
 from .retry import retry_in_place
@@ -38,6 +39,7 @@ def refuse_without_lease(request: Any) -> None:
     """
     partition = delivered_partition(vars(request))
     if not DEADLINES.allows(partition):
+        metrics.count(partition, metrics.LEASE_REFUSED)
         logger.warning("Not starting %s: this worker's lease of partition %d may have lapsed; the "
                        "message goes back to the head of its queue.", request.id, partition)
         raise Reject("the partition's lease lapsed", requeue=True)

@@ -22,6 +22,7 @@ from ...models import AccountState
 from ...options import KEY_HEADER, PARTITION_HEADER
 from ...states import KeyStatus
 from ..delivery import NO_KEY, RERUN_ENTRY, Delivery
+from ..health import metrics
 from ..redelivery.ledger import Ledger, ledger_for
 from . import store
 from .book import BOOK
@@ -83,6 +84,7 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
                 store.park_held(Delivery.from_request(task, request, args, kwargs))
         if held:
             raise Parked(f"parked: key {key!r} is held by an earlier message")
+    started = time.monotonic()
     try:
         try:
             result = task.run(*args, **kwargs)
@@ -90,6 +92,8 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
             if isinstance(plain, InPlaceRetry):
                 raise
             task.retry(exc=plain.exc, countdown=seconds_until(plain.when))
+        finally:
+            metrics.task_ran(partition, time.monotonic() - started)
     except Ignore:
         if replaying is not None:
             replaying.outcome = Outcome.OK
@@ -108,6 +112,7 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
         replaying.outcome = Outcome.OK
     elif ledger is not None:
         ledger.record(partition, request.id)
+    metrics.count(partition, metrics.SUCCEEDED)
     return result
 
 
@@ -197,6 +202,7 @@ def _retry(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition:
         store.schedule_retry(key, partition, due_at=due_at, delivery=delivery, error=error,
                              trace=trace, attempts=retries, retries=retries)
     BOOK.set(key, partition, KeyStatus.RETRYING)
+    metrics.count(partition, metrics.RETRIED)
     publish_wake(task.app, key, due_at)
 
 
@@ -211,10 +217,12 @@ def _fail(task: Any, request: Any, args: Any, kwargs: Any, key: str, partition: 
         attempts = int(request.retries or 0) + 1
     if task.failure_policy == "continue":
         store.record_failure(key, partition, error=error, trace=trace, attempts=attempts, **where)
+        metrics.count(partition, metrics.FAILED)
         if replaying is not None:
             replaying.outcome = Outcome.CONTINUED
         return
     store.block(key, partition, error=error, trace=trace, attempts=attempts, **where)
+    metrics.count(partition, metrics.FAILED)
     if replaying is not None:
         replaying.outcome = Outcome.BLOCKED
     announce_blocked(key, partition, task.name, request.id, error, store.Reason.FAILED)

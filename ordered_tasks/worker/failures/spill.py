@@ -13,6 +13,7 @@ from django.utils import timezone
 from ...messages import publish_wake
 from ..delivery import Delivery
 from ..exclusivity.fencing import DEADLINES, FENCE
+from ..health import metrics
 from ..pooled import SIDE
 from ..sequencing.handoff import LOOP
 from ..sequencing.lanes import Entry, Lanes
@@ -112,6 +113,7 @@ def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fenc
 
     def still_ours() -> None:
         if not DEADLINES.allows(partition):
+            metrics.count(partition, metrics.LEASE_REFUSED)
             raise LeaseLapsed(f"the lease of partition {partition} may have lapsed")
         versions = BOOK.versions
         if tenure is not None and versions is not None and versions.get(partition)[1] != tenure:

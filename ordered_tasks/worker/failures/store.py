@@ -16,6 +16,7 @@ from ...models import AccountState, ParkedMessage, PartitionFence
 from ...states import KeyStatus
 from ..delivery import Delivery
 from ..exclusivity.fencing import FENCE
+from ..health import metrics
 
 PARKED = ParkedMessage.State.PARKED
 Reason = ParkedMessage.Reason
@@ -65,6 +66,7 @@ def check_fence(partition: int, fence: int) -> None:
     PartitionFence.objects.get_or_create(partition=partition)
     row = PartitionFence.objects.select_for_update().get(partition=partition)
     if fence < row.fence:
+        metrics.count(partition, metrics.FENCE_REFUSED)
         raise StaleOwnerError(
             f"Partition {partition} has a newer owner (fence {row.fence} > {fence}); "
             "this worker lost its lease and must not change its keys."
@@ -88,7 +90,15 @@ def _new_row(account: AccountState, delivery: Delivery, **fields: Any) -> Parked
 def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
     row = _new_row(account, delivery, **fields)
     row.save(force_insert=True)
+    if row.state == PARKED:  # not a record (failed under 'continue', revoked, refused)
+        _count_parked(row.partition, row.reason)
     return row
+
+
+def _count_parked(partition: int, reason: str, messages: int = 1) -> None:
+    """Count parked messages for the metrics once they are stored (the transaction committed)."""
+    if metrics.TALLY.enabled:
+        transaction.on_commit(lambda: metrics.parked(partition, reason, messages))
 
 
 def _put(account: AccountState, row: ParkedMessage | None, delivery: Delivery | None,
@@ -126,9 +136,10 @@ def spill(key: str, partition: int, deliveries: list[Delivery],
         ids = [d.task_id for d in deliveries if d.task_id]
         known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids, state=PARKED)
                     .values_list("task_id", flat=True))
-        ParkedMessage.objects.bulk_create([  # one statement for the batch
+        rows = ParkedMessage.objects.bulk_create([  # one statement for the batch
             _new_row(state, delivery, reason=Reason.OVERFLOW) for delivery in deliveries
             if not delivery.task_id or delivery.task_id not in known])
+        _count_parked(partition, Reason.OVERFLOW, len(rows))
         held_now = state.status == KeyStatus.ACTIVE
         if held_now:
             state.epoch += 1

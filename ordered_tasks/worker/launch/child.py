@@ -7,6 +7,7 @@ Started by the ``ordered_worker`` supervisor as
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 from typing import Any, Sequence
@@ -34,11 +35,13 @@ def _first_come_first_served(sender: Any = None, **_: object) -> None:
     sender.optimization = "fcfs"
 
 
-def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> list[str]:
+def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1,
+              metrics_port: int | None = None) -> list[str]:
     """Make ``app`` a safe ordered worker for ``partitions``; return the queue names.
 
     The pool (``concurrency`` processes, threads or greenlets) runs messages
-    of different keys at once, never two of one key.
+    of different keys at once, never two of one key. With ``metrics_port``,
+    the worker serves its Prometheus metrics there once it is ready.
     """
     from ...conf import get_settings
     from ...plugin import install
@@ -60,6 +63,10 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
     app.conf.task_acks_late = True
     BOOK.share(Versions(conf.partitions), partitions)  # before the pool processes fork
     DEADLINES.share(conf.partitions)
+    if metrics_port is not None:
+        from ..health import metrics
+
+        metrics.prepare(conf.partitions)  # the counters, shared with the pool processes
     queues = [partition_queue(conf.queue_prefix, p) for p in partitions]
     for queue in queues:
         app.amqp.queues.add(queue)
@@ -85,11 +92,21 @@ def configure(app: Celery, partitions: Sequence[int], concurrency: int = 1) -> l
 
     if concurrency == 1:
         signals.worker_init.connect(_first_come_first_served, weak=False)
+    if metrics_port is not None:  # once the pool has started (its processes need no metrics socket)
+        export = functools.partial(_export, app, metrics_port, list(partitions))
+        signals.worker_ready.connect(export, weak=False)
     signals.worker_ready.connect(recover, weak=False)
     signals.worker_ready.connect(report, weak=False)
     # A pool process must not outlive its worker: it would run on unsupervised.
     signals.worker_process_init.connect(lambda **_: die_with_parent(signal.SIGKILL), weak=False)
     return [q.name for q in queues]
+
+
+def _export(app: Celery, port: int, partitions: list[int], **_: object) -> None:
+    """Serve the worker's Prometheus metrics on ``port`` (see :mod:`..health.metrics`)."""
+    from ..health.metrics import serve
+
+    serve(port, partitions, app.conf.broker_url or "", dict(app.conf.broker_transport_options or {}))
 
 
 def check_tasks(app: Celery) -> None:
@@ -135,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hostname", required=True)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--app", default=None)
+    parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("celery_args", nargs="*")
     args = parser.parse_args(argv)
     check_celery_args(args.celery_args)
@@ -151,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     app = find_celery_app(args.app)
     partitions = [int(p) for p in args.partitions.split(",")]
-    queues = configure(app, partitions, args.concurrency)
+    queues = configure(app, partitions, args.concurrency, args.metrics_port)
     app.worker_main(worker_argv(queues, args.pool, args.hostname, args.celery_args, args.concurrency))
 
 

@@ -17,6 +17,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from ...conf import get_settings
+from ..health import metrics
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import key_limit, new_lanes
 from ..unanswered import Unanswered
@@ -230,14 +231,16 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         lanes = self._lanes
         if lanes is None:
             return [""] * len(names)
-        limit = key_limit(self.window) + 1  # the running one, and its share waiting
+        crowded = lanes.crowded(key_limit(self.window) + 1)  # the running one, and its share waiting
+        if not crowded:
+            return [""] * len(names)
         out = []
         for name in names:
             partition = self._partitions.get(name, -1)
             if partition == -1:
                 partition = self._partitions[name] = get_settings().partition_of_queue(name)
-            crowded = lanes.crowded_keys(partition, limit) if partition is not None else []
-            out.append(json.dumps(crowded) if crowded else "")
+            keys = crowded.get(partition) if partition is not None else None
+            out.append(json.dumps(keys) if keys else "")
         return out
 
     def forget(self, delivery_tag: str) -> bool:
@@ -260,6 +263,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
                 return True
             except redis.RedisError as exc:
                 error = exc
+        metrics.acknowledgement_failed(self, delivery_tag, metrics.ACK_REDIS_ERROR)
         logger.warning("Could not acknowledge message %s on Redis (%r, twice): it stays "
                        "unacknowledged and its partition waits; trying again every %.0f s.",
                        delivery_tag, error, ACK_RETRY)

@@ -9,6 +9,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
 
+from ..health import metrics
 from ..redelivery.ledger import flush_completions
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         if self.channel.connection is not None:
             return False
         message = self._delivered.get(delivery_tag)
+        metrics.acknowledgement_failed(self, delivery_tag, metrics.ACK_CONNECTION_CLOSED)
         logger.warning("Could not %s message %s: its broker connection closed; it stays "
                        "unacknowledged and comes back at the head of its queue.",
                        what, (getattr(message, "headers", None) or {}).get("id", delivery_tag))
