@@ -66,6 +66,7 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     Private("celery.worker.request:Request", "_message"),
     Private("celery.worker.request:Request", "_content_type"),
     Private("celery.worker.request:Request", "_content_encoding"),
+    Private("celery.worker.request:Request", "_context"),  # the PARKED state's request, for the backend
 )
 
 

@@ -87,6 +87,7 @@ class ParkedMessage(models.Model):
         WORKER_LOST = "worker_lost", "the process running the task died"
         REVOKED = "revoked", "revoked by an operator (kept as a record)"
         OVERFLOW = "overflow", "its key had more messages waiting than its share of the window"
+        PURGED = "purged", "taken out of its partition queue by an operator (ordered_purge)"
 
     key = models.CharField(max_length=MAX_KEY_LENGTH, db_index=True)
     partition = models.PositiveIntegerField()

@@ -18,10 +18,14 @@ from ..health.figures import FIGURES
 from ..sequencing.window import hand_back_in_place
 from ..setup import ordered_worker
 from .control import arrived
+from .retry import Parked
 from .unrunnable import hand_over
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)
+#: The state of a task whose message was parked behind its held key (or as a misfit) without
+#: running: the ``task-parked`` event's, which Flower shows, and the result backend's.
+PARKED_STATE = "PARKED"
 #: Times a message is run again after its pool process died, before it is parked.
 MAX_RERUNS = 2
 _LOST: dict[str, int] = {}
@@ -95,6 +99,24 @@ class OrderedRequest(Request):  # type: ignore[misc]
         self._parking = hand_over(setup, message, reason, error, ack=parked, requeue=not_parked)
         return self._parking
 
+    def _announce_parked(self, reason: str) -> None:
+        """Give the task a final state: Celery sends none for a message that ends in ``Ignore``.
+
+        Without it, Flower and ``celery events`` show the task as ``STARTED``
+        for good. A ``task-parked`` event makes their state ``PARKED`` (a
+        custom state ranks above ``STARTED``; ``task-rejected`` would not),
+        and a result backend, unless the result is ignored, stores
+        ``PARKED`` until a replay stores the real outcome.
+        """
+        self.send_event("task-parked", reason=reason)
+        if self.ignore_result:
+            return
+        try:
+            self.task.backend.store_result(self.id, {"reason": reason}, PARKED_STATE,
+                                           request=self._context)  # type: ignore[attr-defined]
+        except Exception as exc:  # the message is parked already: the state is only information
+            logger.warning("Could not store the PARKED state of %s[%s]: %r", self.name, self.id, exc)
+
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
         self._park(Reason.REVOKED, f"Revoked ({reason}).")
         super()._announce_revoked(reason, terminated, signum, expired)  # type: ignore[misc]
@@ -131,6 +153,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
             exc = exc.exc
         if not isinstance(exc, Ignore):  # parked behind a held key, or a redelivered copy
             FIGURES.failed(self)
+        elif isinstance(exc, Parked):
+            self._announce_parked(str(exc))
         if isinstance(exc, (DecodeError, ContentDisallowed)):
             if self._park(Reason.UNDECODABLE, repr(exc)):
                 state.task_ready(self)
