@@ -53,6 +53,7 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     # The batched fetch reads its reply as kombu's _brpop_read does, for several messages.
     Private("kombu.transport.redis:Channel", "_flush_brpop_reauth", (), since=(5, 7)),
     Private("kombu.transport.virtual.base:Transport", "_deliver", ("message", "queue")),
+    Private("kombu.transport.virtual.base:Transport", "_callbacks"),
     Private("kombu.transport.virtual.base:QoS", "_delivered"),
     Private("kombu.transport.virtual.base:QoS", "_dirty"),
     # The event loop that does not sleep past ready callbacks (ordered_tasks.worker.launch.hub).

@@ -342,6 +342,24 @@ def test_completions_in_the_consumers_process_are_sent_before_the_next_acknowled
     results.delete(ledger._key(1), ledger._key(2), ledger._key(3))
 
 
+def test_a_task_whose_result_is_stored_sends_its_completion_at_once(
+        app: Celery, run: str, results: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noted completions wait for the next acknowledgement, unless the result backend's write
+    (and more) comes first: then it is sent right after the body."""
+    from ordered_tasks.worker.redelivery import ledger as ledgers
+
+    monkeypatch.setattr(ledgers, "_ACKNOWLEDGES_HERE", os.getpid())
+    ledger = ledgers.ledger_for(app)
+    assert ledger is not None
+    key = same_partition_keys(1)[0]
+    deliver(app, "strict_step", key, 1, run, task_id=f"noted-{run}")
+    assert ledger._noted == ledger._sent + 1  # waits for the acknowledgement
+    monkeypatch.setattr(app.tasks[T + "strict_step"], "ignore_result", False)
+    deliver(app, "strict_step", key, 2, run, task_id=f"stored-{run}")
+    assert ledger._sent == ledger._noted  # sent at once, with the one that waited
+    assert ledger.completed(partition_for(key), f"stored-{run}")
+
+
 def test_a_thread_whose_completion_another_thread_sends_waits_for_that_send(
         results: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     from ordered_tasks.worker.redelivery import ledger as ledgers

@@ -352,6 +352,95 @@ def test_the_fetch_never_looks_past_a_message_whose_key_it_cannot_read(channel: 
         channel.queue_purge(name)
 
 
+def test_one_fetch_takes_no_more_of_a_key_than_its_share_of_the_window(channel: Any) -> None:
+    """Counting what one call takes: a key at the head of a backlog does not fill the window."""
+    from ordered_tasks.conf import get_settings
+    from ordered_tasks.worker.sequencing.window import key_limit
+
+    channel.fetch_reliably(16)
+    name = f"{get_settings().queue_prefix}.5"
+    queue = _queue(name)
+    channel.queue_purge(name)
+    share = key_limit(16) + 1  # a running one and its share waiting
+    _publish_keyed(channel, queue, *[(f"k{n}", "hot") for n in range(20)],
+                   *[(f"o{n}", f"other{n}") for n in range(5)])
+    consumer, held, _drain = holding_consumer(channel, [queue])
+    try:
+        consumer.consume()
+        channel.connection.cycle.on_poll_start()
+        assert channel._brpop_read()
+        assert [m.payload for m in held] == [f"k{n}" for n in range(share)] + [f"o{n}" for n in range(5)]
+        assert _remaining(channel, name) == [f"k{n}" for n in range(share, 20)]  # in place, in order
+    finally:
+        consumer.cancel()
+        channel.queue_purge(name)
+
+
+def test_a_batch_fetched_for_a_consumer_cancelled_meanwhile_comes_back_in_its_order(channel: Any) -> None:
+    """The reply arrives after the queue's consumer was cancelled (a lease lost, a shutdown): its
+    messages stay recorded as unacknowledged, and the next tenure restores them in order (kombu would
+    requeue each at the head in turn, reversing them)."""
+    channel.fetch_reliably(8)
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, "a1", "a2", "a3", "a4", "a5")
+    consumer, held, _drain = holding_consumer(channel, [queue])
+    consumer.consume()
+    channel.connection.cycle.on_poll_start()  # the script took all five
+    assert channel._in_poll
+    consumer.cancel()
+    assert channel._brpop_read()
+    assert held == [] and channel._size(queue.name) == 0 and len(_unacked(channel, queue)) == 5
+    assert restore_to_head(channel, queue.name) == 5
+    assert [channel.basic_get(queue.name, no_ack=True).payload for _ in range(5)] == [
+        "a1", "a2", "a3", "a4", "a5"]
+
+
+def test_an_item_redis_reads_as_json_and_python_does_not_is_handed_on_raw(channel: Any) -> None:
+    """Redis's JSON parser takes a hexadecimal number; Python's does not. The item is handed on as a
+    raw message under the tag it was recorded with (the worker parks it as invalid), not raised."""
+    channel.fetch_reliably(4)
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    item = ('{"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8", '
+            '"headers": {"x": 0x10}, "properties": {"delivery_tag": "odd-1", "body_encoding": "base64", '
+            '"delivery_info": {"exchange": "", "routing_key": "QUEUE"}}}').replace("QUEUE", queue.name)
+    consumer, held, _drain = holding_consumer(channel, [queue])
+    consumer.consume()
+    redis.Redis(connection_pool=channel.pool).lpush(queue.name, item)
+    channel.connection.cycle.on_poll_start()
+    assert channel._brpop_read()
+    assert len(held) == 1 and held[0].delivery_tag == "odd-1"
+    assert held[0].headers == {"x-ordered-tasks-raw": "hex"}
+    assert bytes.fromhex(held[0].body.decode()) == item.encode()
+    held[0].ack()
+    channel.flush_acknowledgements()
+    assert _unacked(channel, queue) == []
+    consumer.cancel()
+
+
+def test_an_acknowledgement_in_a_pool_thread_that_frees_a_full_window_wakes_the_loop(
+        channel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every window full no fetch is in flight: the acknowledgement that frees a place wakes
+    the event loop, which fetches; one that leaves the window with room does not need to."""
+    from ordered_tasks.worker.transport import qos
+
+    woken: list[object] = []
+    monkeypatch.setattr(qos.LOOP, "in_loop", lambda: False)  # as in a pool thread
+    monkeypatch.setattr(qos.LOOP, "call", woken.append)
+    channel.fetch_reliably(2)
+    queue = _queue(f"q-{uuid.uuid4().hex[:8]}")
+    _publish(channel, queue, "1", "2", "3")
+    consumer, held, _drain = holding_consumer(channel, [queue])
+    consumer.consume()
+    channel.connection.cycle.on_poll_start()
+    assert channel._brpop_read() and [m.payload for m in held] == ["1", "2"]  # the window is full
+    held[0].ack()
+    assert woken == [qos._fetch_again]
+    held[1].ack()  # the window had room already
+    assert woken == [qos._fetch_again]
+    consumer.cancel()
+    channel.queue_purge(queue.name)
+
+
 def _crowded_partition(channel: Any, partition: int, *items: tuple[str, str | None]) -> tuple[str, Queue, Any]:
     """A partition queue holding ``items``, on a channel whose window (16) has the key "hot" crowded."""
     from ordered_tasks.conf import get_settings

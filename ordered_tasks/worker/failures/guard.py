@@ -112,6 +112,9 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
         replaying.outcome = Outcome.OK
     elif ledger is not None:
         ledger.record(partition, request.id)
+        if not (task.ignore_result or getattr(request, "ignore_result", False)):
+            # The result backend's write follows: a noted completion would wait for it too.
+            ledger.send_noted()
     metrics.count(partition, metrics.SUCCEEDED)
     return result
 

@@ -180,4 +180,7 @@ def flush_completions() -> None:
         return
     for ledger in list(_LEDGERS.values()):
         if ledger is not None:
-            ledger.send_noted()
+            try:
+                ledger.send_noted()
+            except Exception:  # never in the way of the acknowledgement that follows
+                logger.exception("Could not send the noted completions to the completion ledger.")

@@ -345,6 +345,19 @@ class Lanes:
                     del self._by_tag[entry.tag]
             return dropped
 
+    def key_counts(self, partition: int) -> dict[str, int]:
+        """The keys of ``partition`` in the window, with their numbers of messages there (all states)."""
+        with self._lock:
+            lanes = self._partitions.get(partition)
+            if lanes is None:
+                return {}
+            counts = {key: 1 for key in lanes.running if key is not BARRIER}
+            for group in (lanes.waiting, lanes.spilling):
+                for key, entries in group.items():
+                    if key is not BARRIER:
+                        counts[key] = counts.get(key, 0) + len(entries)
+            return counts
+
     def crowded_keys(self, partition: int, limit: int) -> list[str]:
         """The keys of ``partition`` with ``limit`` or more messages in the window (running and waiting)."""
         with self._lock:

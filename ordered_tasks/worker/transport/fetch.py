@@ -47,16 +47,19 @@ DELIVERY_STEP = 1e-6
 #: and record each as unacknowledged, in one step. KEYS: the queues, then kombu's unacked
 #: hash and unacked index. ARGV: the time of delivery of the first message (each next one
 #: DELIVERY_STEP later), a delivery tag base for a message that has none, the most messages
-#: to take, then each queue's name (as in KEYS, without prefix and priority suffix), then
-#: for each queue a JSON list of its crowded keys ('' for none), then each queue's free
-#: places (priority lists of one queue share them). Returns the queue name and the message
-#: of each message taken, in the order taken, or false.
+#: to take, the most messages one key may have in the window (its share and a running one),
+#: then each queue's name (as in KEYS, without prefix and priority suffix), then for each
+#: queue a JSON object of the keys it has in the window with their number of messages there
+#: ('' for none), then each queue's free places (priority lists of one queue share them and
+#: the key counts). Returns the queue name, delivery tag and message of each message taken,
+#: in the order taken, or false.
 #:
-#: A queue with crowded keys gives its first message whose ``ordered_key`` header is a
-#: string that is not crowded, looking through at most LOOK_AHEAD messages; the messages
-#: it looks past stay in place, so each key's messages still come in their order. A message
-#: whose key it cannot read ends the look (it may belong to a crowded key), unless it is
-#: the head.
+#: Each queue is read once from its head, LOOK_AHEAD messages at most. A message whose key
+#: (its ``ordered_key`` header, a string) has its share in the window, counting the messages
+#: taken in this call, is looked past and stays in place, so each key's messages still come
+#: in their order and no key takes more than its share. A message whose key cannot be read
+#: ends the look once something was looked past (it may belong to such a key); before
+#: that, it is at the head, and is taken.
 #:
 #: Nothing may fail after the pop (a script's writes are not undone): an item that is
 #: not a kombu message for this queue (no delivery tag, no delivery info, another queue's
@@ -66,69 +69,71 @@ _FETCH = """
 local function hex(text)
   return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
-local function key_of(item)
-  local ok, message = pcall(cjson.decode, item)
-  local headers = ok and type(message) == 'table' and message['headers']
-  local key = type(headers) == 'table' and headers['ordered_key']
-  if type(key) == 'string' then return key end
-  return nil
-end
-local function take(queue, crowded)
-  if crowded == nil then return redis.call('RPOP', queue) end
-  local items = redis.call('LRANGE', queue, -LOOK_AHEAD, -1)
-  for j = #items, 1, -1 do
-    local key = key_of(items[j])
-    if j == #items and (key == nil or not crowded[key]) then return redis.call('RPOP', queue) end
-    if key == nil then return false end
-    if not crowded[key] then
-      redis.call('LREM', queue, -1, items[j])
-      return items[j]
-    end
-  end
-  return false
-end
 local count = (#KEYS - 2)
-local most = tonumber(ARGV[3])
 local at = tonumber(ARGV[1])
-local free = {}
-for i = 1, count do free[ARGV[3 + i]] = tonumber(ARGV[3 + 2 * count + i]) or 0 end
+local most = tonumber(ARGV[3])
+local share = tonumber(ARGV[4])
+local free, held = {}, {}
+for i = 1, count do
+  local queue = ARGV[4 + i]
+  free[queue] = tonumber(ARGV[4 + 2 * count + i]) or 0
+  if held[queue] == nil then
+    local counts = ARGV[4 + count + i] or ''
+    held[queue] = counts ~= '' and cjson.decode(counts) or {}
+  end
+end
 local taken = {}
 local n = 0
 for i = 1, count do
-  local queue = ARGV[3 + i]
-  local crowded = nil
-  local crowded_json = ARGV[3 + count + i] or ''
-  if crowded_json ~= '' then
-    crowded = {}
-    for _, key in ipairs(cjson.decode(crowded_json)) do crowded[key] = true end
-  end
-  while n < most and free[queue] > 0 do
-    local item = take(KEYS[i], crowded)
-    if not item then break end
-    n = n + 1
-    free[queue] = free[queue] - 1
-    local tag, record
-    local ok, message = pcall(cjson.decode, item)
-    local props = ok and type(message) == 'table' and message['properties']
-    local info = type(props) == 'table' and props['delivery_info']
-    if type(info) == 'table' and type(props['delivery_tag']) == 'string'
-        and type(info['exchange']) == 'string' and info['routing_key'] == queue then
-      tag = props['delivery_tag']
-      record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(queue) .. ']'
-    else
-      tag = ARGV[2] .. '-' .. n
-      item = cjson.encode({body = hex(item), ['content-type'] = 'application/data',
-                           ['content-encoding'] = 'binary', headers = {['x-ordered-tasks-raw'] = 'hex'},
-                           properties = {delivery_tag = tag,
-                                         delivery_info = {exchange = '', routing_key = queue}}})
-      record = '[' .. item .. ',"",' .. cjson.encode(queue) .. ']'
-    end
-    redis.call('HSET', KEYS[count + 1], tag, record)
-    redis.call('ZADD', KEYS[count + 2], string.format('%.6f', at + (n - 1) * DELIVERY_STEP), tag)
-    taken[#taken + 1] = queue
-    taken[#taken + 1] = item
-  end
+  local queue = ARGV[4 + i]
   if n >= most then break end
+  if free[queue] > 0 then
+    local in_window = held[queue]
+    local items = redis.call('LRANGE', KEYS[i], -LOOK_AHEAD, -1)
+    local passed = false
+    for j = #items, 1, -1 do
+      if n >= most or free[queue] <= 0 then break end
+      local item = items[j]
+      local ok, message = pcall(cjson.decode, item)
+      if not ok or type(message) ~= 'table' then message = nil end
+      local headers = message and message['headers']
+      local key = type(headers) == 'table' and headers['ordered_key'] or nil
+      if type(key) ~= 'string' then key = nil end
+      local take = true
+      if key == nil then
+        if passed then break end
+      elseif (in_window[key] or 0) >= share then
+        take = false
+        passed = true
+      end
+      if take then
+        if passed then redis.call('LREM', KEYS[i], -1, item) else redis.call('RPOP', KEYS[i]) end
+        if key ~= nil then in_window[key] = (in_window[key] or 0) + 1 end
+        n = n + 1
+        free[queue] = free[queue] - 1
+        local tag, record
+        local props = message and message['properties']
+        local info = type(props) == 'table' and props['delivery_info']
+        if type(info) == 'table' and type(props['delivery_tag']) == 'string'
+            and type(info['exchange']) == 'string' and info['routing_key'] == queue then
+          tag = props['delivery_tag']
+          record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(queue) .. ']'
+        else
+          tag = ARGV[2] .. '-' .. n
+          item = cjson.encode({body = hex(item), ['content-type'] = 'application/data',
+                               ['content-encoding'] = 'binary', headers = {['x-ordered-tasks-raw'] = 'hex'},
+                               properties = {delivery_tag = tag,
+                                             delivery_info = {exchange = '', routing_key = queue}}})
+          record = '[' .. item .. ',"",' .. cjson.encode(queue) .. ']'
+        end
+        redis.call('HSET', KEYS[count + 1], tag, record)
+        redis.call('ZADD', KEYS[count + 2], string.format('%.6f', at + (n - 1) * DELIVERY_STEP), tag)
+        taken[#taken + 1] = queue
+        taken[#taken + 1] = tag
+        taken[#taken + 1] = item
+      end
+    end
+  end
 end
 if n == 0 then return false end
 return taken
@@ -218,29 +223,24 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         # Never earlier than the last message of the last fetch.
         self._fetched_at = max(time(), self._fetched_at + FETCH_BATCH * DELIVERY_STEP)
         free = [str(window - in_window[name]) for name in names]
-        arguments = (len(keys), *keys, f"{self._fetched_at:.6f}", uuid4().hex, FETCH_BATCH, *names,
-                     *self._crowded(names), *free)
+        arguments = (len(keys), *keys, f"{self._fetched_at:.6f}", uuid4().hex, FETCH_BATCH,
+                     key_limit(window) + 1, *names, *self._in_window(names), *free)
         if self._script_on is connection:
             connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
         else:  # Redis caches the script as it runs it
             connection.send_command("EVAL", _FETCH, *arguments)
             self._script_on = connection
 
-    def _crowded(self, names: list[str]) -> list[str]:
-        """For each queue, the keys with a full share of its window, as JSON ('' for none)."""
+    def _in_window(self, names: list[str]) -> list[str]:
+        """For each queue, its keys' numbers of messages in the window, as a JSON object ('' for none)."""
         lanes = self._lanes
-        if lanes is None:
-            return [""] * len(names)
-        crowded = lanes.crowded(key_limit(self.window) + 1)  # the running one, and its share waiting
-        if not crowded:
-            return [""] * len(names)
         out = []
         for name in names:
             partition = self._partitions.get(name, -1)
             if partition == -1:
                 partition = self._partitions[name] = get_settings().partition_of_queue(name)
-            keys = crowded.get(partition) if partition is not None else None
-            out.append(json.dumps(keys) if keys else "")
+            counts = lanes.key_counts(partition) if lanes is not None and partition is not None else None
+            out.append(json.dumps(counts) if counts else "")
         return out
 
     def forget(self, delivery_tag: str) -> bool:
@@ -323,7 +323,14 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
 
 
     def _read_fetched(self, **options: Any) -> bool:
-        """Read the script's reply and hand on each message it took, in order (kombu's read, for several)."""
+        """Read the script's reply and hand on each message it took, in order (kombu's read, for several).
+
+        A message of a queue no longer consumed here (its consumer was
+        cancelled while the reply travelled: a lease lost, a shutdown) is
+        left as it is, recorded as unacknowledged: the partition's next
+        tenure puts it back at the head with the rest, in the order fetched.
+        Kombu would requeue each at the head in turn, reversing the batch.
+        """
         channel: Any = self
         try:
             try:
@@ -333,16 +340,36 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
             if not reply:
                 raise Empty()
-            for queue, item in zip(reply[::2], reply[1::2], strict=True):
+            consumed = channel.connection._callbacks
+            for queue, tag, item in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
                 queue = bytes_to_str(queue)
+                if queue not in consumed:
+                    continue
                 channel._queue_cycle.rotate(queue)
-                channel.connection._deliver(loads(bytes_to_str(item)), queue)
+                channel.connection._deliver(_message_of(bytes_to_str(item), bytes_to_str(tag), queue), queue)
             return True
         finally:
             channel._in_poll = None
             reauthenticate = getattr(channel, "_flush_brpop_reauth", None)  # kombu 5.7
             if reauthenticate is not None:
                 reauthenticate()
+
+
+def _message_of(item: str, tag: str, queue: str) -> dict[str, Any]:
+    """The kombu message of a fetched item; one that Redis could read and Python cannot is handed on raw.
+
+    (Redis's JSON parser accepts some texts that Python's refuses.) The
+    worker parks such a message as invalid, under the tag it was recorded with.
+    """
+    try:
+        message = loads(item)
+        if isinstance(message, dict):
+            return message
+    except ValueError:
+        pass
+    return {"body": item.encode().hex(), "content-type": "application/data", "content-encoding": "binary",
+            "headers": {"x-ordered-tasks-raw": "hex"},
+            "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
 
 
 class ReliableSentinelChannel(ReliableChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]

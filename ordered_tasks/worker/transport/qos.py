@@ -11,6 +11,7 @@ from kombu.transport.virtual.base import QoS as VirtualQoS
 
 from ..health import metrics
 from ..redelivery.ledger import flush_completions
+from ..sequencing.handoff import LOOP
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         flush_completions()  # the completion ledger first: a redelivered copy is recognised
         if self._closed("acknowledge", delivery_tag):
             return
+        self._wake_if_full(delivery_tag)
         forget = getattr(self.channel, "forget", None)
         if forget is not None:
             if forget(delivery_tag):  # else it is sent again later
@@ -101,6 +103,18 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         self.hold(delivery_tag)
         self._settled(delivery_tag)
 
+    def _wake_if_full(self, delivery_tag: str) -> None:
+        """An acknowledgement in a pool thread frees a place in a full window: wake the loop to fetch.
+
+        Nothing else would: with every window full no fetch is in flight, and
+        the lanes wake the loop only when a message of the key waits.
+        """
+        queue = self._placed.get(delivery_tag)
+        window = getattr(self.channel, "window", 0)
+        if (queue is not None and getattr(self.channel, "fetches_reliably", False)
+                and self.in_window[queue] >= window and not LOOP.in_loop()):
+            LOOP.call(_fetch_again)
+
     def _settled(self, delivery_tag: str) -> None:
         lanes = getattr(self.channel, "lanes", None)
         if lanes is not None:
@@ -116,6 +130,10 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
                        "unacknowledged and comes back at the head of its queue.",
                        what, (getattr(message, "headers", None) or {}).get("id", delivery_tag))
         return True
+
+
+def _fetch_again() -> None:
+    """Nothing to do: the event loop, woken, starts a fetch as it goes round."""
 
 
 def _requeue_at_head(qos: Any, delivery_tag: str) -> None:
