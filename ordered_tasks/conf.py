@@ -109,7 +109,7 @@ def find_problems(raw: Any) -> list[Problem]:
         problems.append(Problem(
             "ordered_tasks.E003", f"ORDERED_TASKS['PARTITIONS'] is {partitions!r}.",
             f"Use a whole number from 1 to {MAX_PARTITIONS}; it is the number of "
-            "partition queues and the upper bound of parallelism."))
+            "partition queues (the workers' pools bound the parallelism)."))
     prefix = raw.get("QUEUE_PREFIX", DEFAULTS["QUEUE_PREFIX"])
     if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
         problems.append(Problem(

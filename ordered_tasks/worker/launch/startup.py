@@ -49,7 +49,7 @@ class RefuseUnsafeConsumers(bootsteps.Step):  # type: ignore[misc]
     ``task_queues`` lists a partition queue) would run several messages of a
     partition at once and, on RabbitMQ, could become the partition's active
     consumer. Only workers started by ``manage.py ordered_worker`` may
-    consume partition queues, and only with concurrency 1 and prefetch 1.
+    consume partition queues, with the pool and window it sets up.
     """
 
     name = "ordered_tasks.refuse_unsafe_consumers"
