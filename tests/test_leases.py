@@ -85,6 +85,25 @@ def test_leases_go_to_one_keeper_and_move_with_a_higher_fence(client: redis.Redi
     standby.release_all()
 
 
+@pytest.mark.django_db
+def test_a_fencing_counter_the_coordination_redis_lost_is_raised_past_the_databases(
+        client: redis.Redis, prefix: str) -> None:
+    """Tokens at or below the database's fence would have every key-state write of the partition
+    refused, for good: the keeper raises the counter past it as it takes the lease."""
+    from ordered_tasks.models import PartitionFence
+
+    PartitionFence.objects.update_or_create(partition=2, defaults={"fence": 50})
+    keeper = LeaseKeeper(client, prefix, [2])
+    keeper.renew()
+    assert keeper.leases == {2: 51}
+    assert int(client.get(keeper.fence_key(2))) == 51
+    keeper.release_all()
+    keeper = LeaseKeeper(client, prefix, [2])
+    keeper.renew()
+    assert keeper.leases == {2: 52}  # a counter ahead of the database is used as it is
+    keeper.release_all()
+
+
 def test_restore_puts_a_dead_consumers_messages_back_at_the_head(channel: Any) -> None:
     mine, other = _queue(f"q-{uuid.uuid4().hex[:8]}"), _queue(f"q-{uuid.uuid4().hex[:8]}")
     _publish(channel, mine, "1", "2", "3")

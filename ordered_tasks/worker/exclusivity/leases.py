@@ -108,13 +108,42 @@ class LeaseKeeper:
             for partition in self.partitions:
                 if (self.acquiring and partition not in self.leases
                         and self.client.set(self.lease_key(partition), self.owner, nx=True, px=ttl_ms)):
-                    acquired[partition] = int(self.client.incr(self.fence_key(partition)))
+                    acquired[partition] = self._past_stored_fence(
+                        partition, int(self.client.incr(self.fence_key(partition))))
             # One update, so that the event loop sees every lease of this round at once.
             self.leases = {**self.leases, **acquired}
         except redis.RedisError as exc:
             logger.warning("Could not renew partition leases: %r", exc)
         for partition in self.partitions:
             DEADLINES.set(partition, self.valid_until if partition in self.leases else 0.0)
+
+    def _past_stored_fence(self, partition: int, token: int) -> int:
+        """``token``, or one past the database's fence if it is not newer (Redis lost its counter).
+
+        The database keeps the highest token an owner wrote with, and refuses
+        lower ones; a coordination Redis that restarted without persistence,
+        evicted or was flushed would otherwise hand out tokens that every
+        key-state write of the partition refuses, for good.
+        """
+        from django.db import close_old_connections
+
+        from ...models import PartitionFence
+
+        try:
+            fences = PartitionFence.objects.filter(partition=partition).values_list("fence", flat=True)
+            found = list(fences[:1])
+            stored: int | None = found[0] if found else None
+        except Exception as exc:  # no database now: the writes check the fence anyway
+            logger.warning("Could not read the fence of partition %d: %r", partition, exc)
+            return token
+        finally:
+            close_old_connections()
+        if stored is None or token > stored:
+            return token
+        raised = int(self.client.incrby(self.fence_key(partition), stored + 1 - token))
+        logger.warning("The fencing counter of partition %d was behind the database's (%d, now %d): the "
+                       "coordination Redis lost it; raised past it.", partition, stored, raised)
+        return raised
 
     def apply(self, consumer: Any) -> None:
         """Consume the partitions held and only those (event-loop side)."""
