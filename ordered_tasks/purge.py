@@ -22,6 +22,7 @@ from .exceptions import InvalidKeyError, OrderedTaskError
 from .models import AccountState, ControlRequest, ParkedMessage, PartitionFence
 from .options import CONTROL_TASK, KEY_HEADER
 from .partitioning import canonical_key, partition_of, queue_name
+from .redisscripts import RECORD_POPPED, RELEASE_LEASE, RENEW_LEASE
 from .routing import key_spec_for
 from .states import ControlAction, KeyStatus
 
@@ -39,28 +40,13 @@ NO_KEY = ""
 State = ParkedMessage.State
 Reason = ParkedMessage.Reason
 
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
 #: Pop up to ARGV[3] messages from the head of the queue's lists (KEYS, by priority), recording
 #: each in kombu's unacknowledged hash and index (the last two KEYS) in the same step, as an
 #: ordered worker's fetch does: should the purge die, the partition's next owner puts them back
 #: at the head. ARGV: the time of the first delivery, a tag base for an item without a delivery
 #: tag, the most to take, the queue's name. An item that is not a kombu message of this queue is
 #: wrapped, hex-encoded, as the worker's fetch wraps it. Returns tag, item, tag, item...
-_TAKE = """
-local function hex(text)
-  return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
-end
+_TAKE = RECORD_POPPED + """
 local count = #KEYS - 2
 local at = tonumber(ARGV[1])
 local most = tonumber(ARGV[3])
@@ -72,24 +58,10 @@ for i = 1, count do
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
     n = n + 1
-    local tag, record
     local ok, message = pcall(cjson.decode, item)
-    local props = ok and type(message) == 'table' and message['properties']
-    local info = type(props) == 'table' and props['delivery_info']
-    if type(info) == 'table' and type(props['delivery_tag']) == 'string'
-        and type(info['exchange']) == 'string' and info['routing_key'] == queue then
-      tag = props['delivery_tag']
-      record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(queue) .. ']'
-    else
-      tag = ARGV[2] .. '-' .. n
-      item = cjson.encode({body = hex(item), ['content-type'] = 'application/data',
-                           ['content-encoding'] = 'binary', headers = {['x-ordered-tasks-raw'] = 'hex'},
-                           properties = {delivery_tag = tag,
-                                         delivery_info = {exchange = '', routing_key = queue}}})
-      record = '[' .. item .. ',"",' .. cjson.encode(queue) .. ']'
-    end
-    redis.call('HSET', KEYS[count + 1], tag, record)
-    redis.call('ZADD', KEYS[count + 2], string.format('%.6f', at + (n - 1) * 0.000001), tag)
+    local tag
+    tag, item = record(item, ok and message or nil, queue, ARGV[2] .. '-' .. n, KEYS[count + 1],
+                       KEYS[count + 2], string.format('%.6f', at + (n - 1) * 0.000001))
     taken[#taken + 1] = tag
     taken[#taken + 1] = item
   end
@@ -239,7 +211,7 @@ class _Lease:
 
     def check(self) -> None:
         """Renew the lease; raise if it lapsed (a worker may own the partition now)."""
-        renewed = self.client.eval(_RENEW, 1, self.key, self.owner, LEASE_TTL_MS)
+        renewed = self.client.eval(RENEW_LEASE, 1, self.key, self.owner, LEASE_TTL_MS)
         if not renewed:
             raise PurgeRefused(
                 f"The purge lost the lease {self.key} (it was paused for more than "
@@ -265,7 +237,7 @@ def _lease(client: Any, name: str) -> Iterator[_Lease]:
         fence = int(client.incr(f"ordered_tasks:fence:{name}"))
         yield _Lease(client, key, owner, fence)
     finally:
-        client.eval(_RELEASE, 1, key, owner)
+        client.eval(RELEASE_LEASE, 1, key, owner)
         client.close()
 
 

@@ -15,6 +15,7 @@ from kombu.utils.json import loads
 
 from ...partitioning import queue_name
 from ...queues import partition_queue
+from ...redisscripts import RELEASE_LEASE, RENEW_LEASE
 from ..health import metrics
 from .fencing import DEADLINES
 
@@ -27,18 +28,6 @@ LEASE_TICK = 1.0
 #: The owner stops consuming a partition this long before its lease could lapse.
 LEASE_MARGIN = 2.0
 
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
 
 
 class LeaseKeeper:
@@ -69,8 +58,8 @@ class LeaseKeeper:
         self.valid_until = 0.0
         self.acquiring = True
         self._stopped = threading.Event()
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(RENEW_LEASE)
+        self._release = client.register_script(RELEASE_LEASE)
         self._thread: threading.Thread | None = None
 
     def lease_key(self, partition: int) -> str:

@@ -17,6 +17,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from ...conf import get_settings
+from ...redisscripts import RECORD_POPPED
 from ..health import metrics
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import key_limit, new_lanes
@@ -61,14 +62,9 @@ DELIVERY_STEP = 1e-6
 #: ends the look once something was looked past (it may belong to such a key); before
 #: that, it is at the head, and is taken.
 #:
-#: Nothing may fail after the pop (a script's writes are not undone): an item that is
-#: not a kombu message for this queue (no delivery tag, no delivery info, another queue's
-#: routing key, not JSON at all) is wrapped, hex-encoded, into a message with a tag of its
-#: own and no headers, which the worker parks as invalid.
-_FETCH = """
-local function hex(text)
-  return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
-end
+#: Each message is recorded by :data:`~ordered_tasks.redisscripts.RECORD_POPPED`, which
+#: wraps an item that is not a kombu message of the queue for the worker to park.
+_FETCH = RECORD_POPPED + """
 local count = (#KEYS - 2)
 local at = tonumber(ARGV[1])
 local most = tonumber(ARGV[3])
@@ -111,23 +107,9 @@ for i = 1, count do
         if key ~= nil then in_window[key] = (in_window[key] or 0) + 1 end
         n = n + 1
         free[queue] = free[queue] - 1
-        local tag, record
-        local props = message and message['properties']
-        local info = type(props) == 'table' and props['delivery_info']
-        if type(info) == 'table' and type(props['delivery_tag']) == 'string'
-            and type(info['exchange']) == 'string' and info['routing_key'] == queue then
-          tag = props['delivery_tag']
-          record = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(queue) .. ']'
-        else
-          tag = ARGV[2] .. '-' .. n
-          item = cjson.encode({body = hex(item), ['content-type'] = 'application/data',
-                               ['content-encoding'] = 'binary', headers = {['x-ordered-tasks-raw'] = 'hex'},
-                               properties = {delivery_tag = tag,
-                                             delivery_info = {exchange = '', routing_key = queue}}})
-          record = '[' .. item .. ',"",' .. cjson.encode(queue) .. ']'
-        end
-        redis.call('HSET', KEYS[count + 1], tag, record)
-        redis.call('ZADD', KEYS[count + 2], string.format('%.6f', at + (n - 1) * DELIVERY_STEP), tag)
+        local tag
+        tag, item = record(item, message, queue, ARGV[2] .. '-' .. n, KEYS[count + 1], KEYS[count + 2],
+                           string.format('%.6f', at + (n - 1) * DELIVERY_STEP))
         taken[#taken + 1] = queue
         taken[#taken + 1] = tag
         taken[#taken + 1] = item
