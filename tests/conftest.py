@@ -18,6 +18,7 @@ import pytest
 import redis
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import OperationalError
 
 from tests.services import BROKERS, RESULTS_URL, require
 
@@ -171,7 +172,14 @@ class Workers:
         while waiting:
             assert self.process.poll() is None, "ordered_worker exited during start-up"
             assert time.monotonic() < deadline, f"workers {sorted(waiting)} did not start"
-            for reply in self.app.control.ping(destination=sorted(waiting), timeout=0.5):
+            try:
+                replies = self.app.control.ping(destination=sorted(waiting), timeout=0.5)
+            except (OSError, OperationalError, *self.app.connection_for_write().connection_errors):
+                # A pooled connection the broker closed (a test closes every connection on
+                # RabbitMQ to hand a partition over): drop the pool's connections and ask again.
+                self.app.pool.force_close_all()
+                continue
+            for reply in replies:
                 waiting -= set(reply)
 
     def child_pids(self) -> list[int]:
