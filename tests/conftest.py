@@ -172,12 +172,14 @@ class Workers:
         while waiting:
             assert self.process.poll() is None, "ordered_worker exited during start-up"
             assert time.monotonic() < deadline, f"workers {sorted(waiting)} did not start"
+            # A connection of its own each time, not the pool's: the broker may have closed a pooled
+            # one (a test closes every connection on RabbitMQ to hand a partition over).
             try:
-                replies = self.app.control.ping(destination=sorted(waiting), timeout=0.5)
-            except (OSError, OperationalError, *self.app.connection_for_write().connection_errors):
-                # A pooled connection the broker closed (a test closes every connection on
-                # RabbitMQ to hand a partition over): drop the pool's connections and ask again.
-                self.app.pool.force_close_all()
+                with self.app.connection_for_write() as connection:
+                    replies = self.app.control.ping(destination=sorted(waiting), timeout=0.5,
+                                                    connection=connection)
+            except (OSError, OperationalError):  # the broker restarting: ask again
+                time.sleep(0.5)
                 continue
             for reply in replies:
                 waiting -= set(reply)
