@@ -116,6 +116,12 @@ class Execution:
     retry_in: float | None = None
 
 
+def _celery_version() -> tuple[int, ...]:
+    import celery
+
+    return tuple(int(part) for part in celery.__version__.split(".")[:2] if part.isdigit())
+
+
 class _EagerExceptOrdered:
     """``task_always_eager`` while a runner is active in an eager app: true, except for ordered publishes."""
 
@@ -222,6 +228,9 @@ class OrderedTasksRunner:
 
     def start(self) -> OrderedTasksRunner:
         """Start capturing (what ``with`` does); returns the runner."""
+        if _celery_version() < (5, 6):
+            raise RunnerError("OrderedTasksRunner needs Celery 5.6 or later (it captures publishes the "
+                              "way those releases send them); upgrade Celery to use it.")
         if self._active:
             raise RunnerError("This OrderedTasksRunner is already active: start it once.")
         if _ACTIVE:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import celery
 import pytest
 from celery import chain
 from django.core.management import call_command
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 # [plugin]
 pytest_plugins = ["ordered_tasks.testing"]
 # [/plugin]
+
+pytestmark = pytest.mark.skipif(
+    tuple(int(part) for part in celery.__version__.split(".")[:2]) < (5, 6),
+    reason="the testing helper needs Celery 5.6 or later")
 
 
 @pytest.fixture(autouse=True)
