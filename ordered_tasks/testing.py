@@ -228,8 +228,8 @@ class OrderedTasksRunner:
 
     def start(self) -> OrderedTasksRunner:
         """Start capturing (what ``with`` does); returns the runner."""
-        if _celery_version() < (5, 6):
-            raise RunnerError("OrderedTasksRunner needs Celery 5.6 or later (it captures publishes the "
+        if _celery_version() < (5, 7):
+            raise RunnerError("OrderedTasksRunner needs Celery 5.7 or later (it captures publishes the "
                               "way those releases send them); upgrade Celery to use it.")
         if self._active:
             raise RunnerError("This OrderedTasksRunner is already active: start it once.")

@@ -279,8 +279,8 @@ def test_each_reason_a_message_is_parked_for_has_its_own_series(counting: metric
     assert total(samples, name) == len(reasons) * (len(reasons) + 1) / 2
 
 
-@pytest.mark.skipif(tuple(int(p) for p in celery.__version__.split(".")[:2]) < (5, 6),
-                    reason="runs the worker code through the testing helper, which needs Celery 5.6")
+@pytest.mark.skipif(tuple(int(p) for p in celery.__version__.split(".")[:2]) < (5, 7),
+                    reason="runs the worker code through the testing helper, which needs Celery 5.7")
 @pytest.mark.django_db(transaction=True)
 def test_the_worker_code_counts_outcomes_where_they_happen(counting: metrics.Tally) -> None:
     """Successes also of retried and replayed messages, which a pool process runs inside a control task."""

@@ -52,8 +52,8 @@ pytest_plugins = ["ordered_tasks.testing"]
 # [/plugin]
 
 pytestmark = pytest.mark.skipif(
-    tuple(int(part) for part in celery.__version__.split(".")[:2]) < (5, 6),
-    reason="the testing helper needs Celery 5.6 or later")
+    tuple(int(part) for part in celery.__version__.split(".")[:2]) < (5, 7),
+    reason="the testing helper needs Celery 5.7 or later")
 
 
 @pytest.fixture(autouse=True)
