@@ -193,6 +193,7 @@ def test_demo_runs_on_rabbitmq(tmp_path: Path) -> None:
 ])
 def test_demo_says_what_to_start_when_the_broker_does_not_answer(tmp_path: Path, broker: str, url: str,
                                                                  name: str) -> None:
+    pytest.importorskip("django_celery_results")  # the example project's (its demo extra)
     port = free_port()
     out = run_demo(demo_env(tmp_path, url.format(port=port)), "--broker", broker, timeout=60)
     assert out.returncode == 1
