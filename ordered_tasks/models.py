@@ -57,6 +57,18 @@ class AccountState(models.Model):
     def __str__(self) -> str:
         return f"{self.key} ({self.status})"
 
+    def block(self, now: Any) -> None:
+        """Hold the key until an operator replays or skips it (a new incident unless already blocked).
+
+        Not saved here: the caller saves the row with its other changes.
+        """
+        if self.status != KeyStatus.BLOCKED:
+            self.epoch += 1
+            self.blocks += 1
+            self.blocked_at = now
+        self.status = KeyStatus.BLOCKED
+        self.retry_at = None
+
     def save(self, *args: Any, **kwargs: Any) -> None:
         """Every write of a key's state is activity too."""
         self.last_activity = timezone.now()

@@ -24,7 +24,7 @@ from .options import CONTROL_TASK, KEY_HEADER
 from .partitioning import canonical_key, partition_of, queue_name
 from .redisscripts import RECORD_POPPED, RELEASE_LEASE, RENEW_LEASE
 from .routing import key_spec_for
-from .states import ControlAction, KeyStatus
+from .states import ControlAction
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ class _Store:
                 rows.append(self._row(state, taken, key, problem))
                 outcomes.append(rows[-1].state)
                 if rows[-1].state == State.PARKED:
-                    _block(state, now)
+                    state.block(now)
                     self.report.keys.add(key)
             ParkedMessage.objects.bulk_create(rows)
             for state in states.values():
@@ -480,16 +480,6 @@ class _Store:
         for task_id in ids:
             pipe.zscore(key, task_id)
         return {task_id for task_id, score in zip(ids, pipe.execute(), strict=True) if score is not None}
-
-
-def _block(state: AccountState, now: Any) -> None:
-    """Hold the key until an operator replays or skips it (a new incident unless already blocked)."""
-    if state.status != KeyStatus.BLOCKED:
-        state.epoch += 1
-        state.blocks += 1
-        state.blocked_at = now
-    state.status = KeyStatus.BLOCKED
-    state.retry_at = None
 
 
 def _check_fence(partition: int, fence: int) -> None:

@@ -11,26 +11,16 @@ import pytest
 from celery import Celery
 from celery.beat import Scheduler
 from django.utils import timezone
-from kombu import Queue
 
 from ordered_tasks import partition_for
 from ordered_tasks.options import KEY_HEADER, PARTITION_HEADER, PUBLISHED_HEADER
 from tests.conftest import ordered_queues
+from tests.test_publish import take_all
 
 pytestmark = pytest.mark.integration
 CELERY_VERSION = tuple(int(part) for part in _celery.__version__.split(".")[:2])
 
 ORDERED = "tests.testapp.tasks.ordered_record"
-
-
-def take_all(app: Celery, name: str) -> list[Any]:
-    """Every message waiting in queue ``name`` (removed from it)."""
-    taken = []
-    with app.connection_for_write() as conn:
-        queue = Queue(name)(conn.default_channel)
-        while (message := queue.get(no_ack=True)) is not None:
-            taken.append(message)
-    return taken
 
 
 def where(app: Celery) -> dict[int, list[Any]]:

@@ -164,12 +164,7 @@ def block(key: str, partition: int, *, delivery: Delivery | None = None, row: Pa
         _put(state, row, delivery, reason=reason, state=PARKED, exception=error, traceback=trace,
              attempts=attempts, due_at=None)
         _note_failure(state, error, now)
-        if state.status != KeyStatus.BLOCKED:
-            state.epoch += 1
-            state.blocks += 1
-            state.blocked_at = now
-        state.status = KeyStatus.BLOCKED
-        state.retry_at = None
+        state.block(now)
         state.save()
     return state
 
