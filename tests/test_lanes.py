@@ -305,9 +305,52 @@ def test_a_crowded_key_spills_its_waiting_messages_in_order_once_its_running_one
     assert rec.lanes.crowded_keys(0, 3) == ["a"]
     rec.acknowledge(["a1", "a2", "a3"])
     assert rec.started == ["a0", "b0", "b1"]
-    rec.acknowledge(["a4"])  # the batch is parked: a5 runs (and is parked by the guard, the key is held)
-    assert rec.started == ["a0", "b0", "b1", "a5"]
-    assert len(rec.spills) == 1
+    rec.acknowledge(["a4"])  # the batch is parked and the key held: a5 is parked too, not started
+    assert rec.started == ["a0", "b0", "b1"]
+    assert rec.spills == [("a", ["a1", "a2", "a3", "a4"]), ("a", ["a5"])]
+
+
+def test_a_held_key_parks_what_comes_in_batches_until_a_control_message_of_it_settled() -> None:
+    rec = Spilling()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    rec.acknowledge(["a1", "a2", "a3"])  # parked: the key is held
+    rec.admit("a4", "a")
+    assert rec.spills[-1] == ("a", ["a4"])  # parked as it comes, below the crowded limit
+    rec.admit("a5", "a")
+    rec.admit("a6", "a")
+    assert rec.started == ["a0"] and len(rec.spills) == 2  # they wait for the batch being stored
+    rec.acknowledge(["a4"])
+    assert rec.spills[-1] == ("a", ["a5", "a6"])  # then go in one batch
+    rec.admit("wake", "a", control=True)
+    assert rec.started == ["a0"]  # the wake-up waits for the batch being stored
+    rec.acknowledge(["a5", "a6"])
+    assert rec.started == ["a0", "wake"]
+    rec.admit("a7", "a")
+    assert rec.spills[-1] == ("a", ["a7"])  # beside the running wake-up, still parked
+    rec.acknowledge(["a7"])
+    rec.lanes.settled("wake")  # the wake-up ran the parked messages: the key may be active
+    rec.admit("a8", "a")
+    assert rec.started == ["a0", "wake", "a8"] and len(rec.spills) == 4
+
+
+def test_a_held_key_whose_spill_failed_or_that_has_a_redelivered_copy_starts_its_messages() -> None:
+    rec = Spilling()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    rec.acknowledge(["a1", "a2", "a3"])
+    rec.admit("a4", "a", spillable=False)  # a redelivered copy goes through the guard
+    assert rec.started == ["a0", "a4"]
+    rec.admit("a5", "a")
+    rec.lanes.settled("a4")
+    assert rec.spills[-1] == ("a", ["a5"])
+    rec.lanes.spill_failed(0, "a", rec.batches[-1])  # the database is away: it runs, and so do later ones
+    assert rec.started == ["a0", "a4", "a5"]
+    rec.lanes.settled("a5")
+    rec.admit("a6", "a")
+    assert rec.started == ["a0", "a4", "a5", "a6"] and len(rec.spills) == 2
 
 
 def test_a_key_spills_beside_its_running_control_message_which_keeps_its_place() -> None:
@@ -406,3 +449,36 @@ def test_random_interleavings_with_spills_keep_each_key_in_order() -> None:
                 rec.lanes.admit(tag, 0, key, lambda tag=tag: start(tag))
         for key, numbers in handled.items():
             assert numbers == sorted(numbers), (key, numbers)
+
+
+def test_a_held_keys_messages_waiting_to_be_parked_leave_the_window_up_to_the_parking_room() -> None:
+    rec = Spilling()
+    released: list[object] = []
+    rec.lanes.release = released.append
+    rec.lanes.parking_room = 3
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    assert rec.lanes.parking(0) == (0, [])  # not held yet
+    rec.lanes.settled("a0")
+    assert released == ["a1", "a2", "a3"]  # the first batch, handed to the spill
+    rec.acknowledge(["a1", "a2", "a3"])
+    assert rec.lanes.parking(0) == (3, ["a"])  # held: the fetch may take three more outside the window
+    for n in range(4, 9):
+        rec.admit(f"a{n}", "a")
+    # a4 is being parked; a5..a8 wait for it: the room holds three of them outside the window.
+    assert released == ["a1", "a2", "a3", "a4", "a5", "a6"]
+    assert rec.lanes.parking(0) == (0, ["a"])
+    rec.acknowledge(["a4"])
+    assert rec.spills[-1] == ("a", ["a5", "a6", "a7", "a8"])  # one batch, in delivery order
+    assert released[-1] == "a7" and "a8" not in released  # the room is full: a8 keeps its place
+    rec.acknowledge(["a5", "a6", "a7", "a8"])
+    assert rec.lanes.parking(0) == (3, ["a"]) and rec.started == ["a0"]
+
+
+def test_without_release_a_held_key_keeps_its_window_places() -> None:
+    rec = Spilling()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    rec.acknowledge(["a1", "a2", "a3"])
+    assert rec.lanes.parking(0) == (0, [])  # RabbitMQ: the prefetch count is the window

@@ -53,6 +53,11 @@ class _Partition:
     behind: deque[Entry] = field(default_factory=deque)
     #: key -> the entries of the key being parked in one batch (see :meth:`Lanes.spill`).
     spilling: dict[str, list[Entry]] = field(default_factory=dict)
+    #: Keys whose spill was parked in this tenure and whose wake-up has not run here since: they
+    #: are held, so their later messages are parked as they come (see :meth:`Lanes.spill`).
+    parking: set[str] = field(default_factory=set)
+    #: Tags of the entries that left the window's count while they wait to be parked.
+    released: set[Hashable] = field(default_factory=set)
 
     def idle(self) -> bool:
         return not self.running and not self.waiting and not self.spilling
@@ -97,6 +102,23 @@ class Lanes:
     at the head of the key's lane. So a hot key holds at most about
     ``key_limit`` messages of the window, and its partition's other keys
     keep running.
+
+    Once a batch of a key is parked, the key is held until its wake-up
+    (a control message) ran its parked messages; until a control message
+    of the key settles here, every later message of the key is parked as
+    it comes rather than started (which would only have the guard park it,
+    one transaction per message), in one batch with the others that came
+    while the spill before it was stored. A key that went active again
+    meanwhile (another worker's or an operator's replay) is held again by
+    such a spill and woken: order holds either way.
+
+    With ``release`` set (the Redis fetch, which chooses what it takes),
+    the messages of a held key that wait to be parked, and those being
+    parked, give their places in the window back, up to ``parking_room``
+    of them per partition: the fetch goes on taking the partition's
+    messages while a batch is stored, and the next batch holds all that
+    came meanwhile. On RabbitMQ the broker's prefetch count is the window,
+    and such a key keeps at most ``key_limit`` waiting.
     """
 
     def __init__(self, may_start: Callable[[], bool] = lambda: True,
@@ -107,6 +129,10 @@ class Lanes:
         self.run_on_loop = run_on_loop or (lambda fn: fn())
         self.spill = spill
         self.key_limit = key_limit
+        #: Frees the window place of a message that waits to be parked (None: it keeps it).
+        self.release: Callable[[Hashable], Any] | None = None
+        #: Messages per partition that may wait to be parked outside the window.
+        self.parking_room = 0
         self._lock = threading.RLock()
         self._partitions: dict[int, _Partition] = {}
         self._by_tag: dict[Hashable, Entry] = {}
@@ -137,7 +163,12 @@ class Lanes:
                 self._to_start.append(entry)
         elif entry.key in lanes.running or entry.key in lanes.spilling:
             lanes.waiting.setdefault(entry.key, deque()).append(entry)
+            if entry.key in lanes.parking and entry.spillable and not entry.control:
+                self._release(lanes, entry)  # waits for the batch being stored, outside the window
             self._maybe_spill(lanes, entry)
+        elif entry.key in lanes.parking and entry.spillable and not entry.control:
+            lanes.waiting.setdefault(entry.key, deque()).append(entry)
+            self._next(lanes, entry.key, entry)  # parked as it comes (or started, if it cannot be)
         else:
             lanes.running[entry.key] = entry
             self._to_start.append(entry)
@@ -153,6 +184,7 @@ class Lanes:
                 return None
             lanes = self._partitions.get(entry.partition)
             if lanes is not None:
+                lanes.released.discard(tag)
                 self._remove(lanes, entry)
             # Most settles free nothing (no later message of the key waits): the loop sleeps on.
             due = bool(self._to_start or self._to_spill)
@@ -187,12 +219,15 @@ class Lanes:
                 self._place(lanes, later)
         elif key is not BARRIER and lanes.running.get(key) is entry:
             del lanes.running[key]
+            if entry.control:  # its wake-up (or a replay) ran: the key may be active again
+                lanes.parking.discard(key)
             self._next(lanes, key, entry)
         elif key is not BARRIER and entry in lanes.spilling.get(key, ()):
             batch = lanes.spilling[key]
             batch.remove(entry)
-            if not batch:  # the whole batch is parked
+            if not batch:  # the whole batch is parked: the key is held
                 del lanes.spilling[key]
+                lanes.parking.add(key)
                 self._next(lanes, key, entry)
         else:  # settled before it started (a closed channel, a revoke)
             waiting = lanes.waiting.get(key) if key is not BARRIER else None
@@ -233,11 +268,13 @@ class Lanes:
         running = lanes.running.get(key)
         if running is not None and not running.control:
             return False
+        # A held key parks whatever waits; another only once it is crowded.
+        least = 1 if key in lanes.parking else self.key_limit
         waiting = lanes.waiting.get(key)
-        if not waiting or len(waiting) < self.key_limit:
+        if not waiting or len(waiting) < least:
             return False
         batch = [e for e in waiting if not e.control]
-        if len(batch) < self.key_limit or not all(e.spillable for e in batch):
+        if len(batch) < least or not all(e.spillable for e in batch):
             return False
         if self._no_spill.get(key, 0.0) > time.monotonic() or not self.may_start():
             return False
@@ -249,9 +286,17 @@ class Lanes:
             del lanes.waiting[key]
         for spilled in batch:
             spilled.spilled = True
+            self._release(lanes, spilled)
         lanes.spilling[key] = batch
         self._to_spill.append((entry.partition, key, list(batch)))  # a copy: settles shrink the batch
         return True
+
+    def _release(self, lanes: _Partition, entry: Entry) -> None:
+        """``entry`` waits to be parked: its place in the window is free, if there is parking room."""
+        if (self.release is not None and entry.tag not in lanes.released
+                and len(lanes.released) < self.parking_room):
+            lanes.released.add(entry.tag)
+            self.release(entry.tag)
 
     def spill_failed(self, partition: int, key: str, batch: list[Entry]) -> None:
         """The spill of ``batch`` failed: its messages go back to the head of their lane, in order.
@@ -265,6 +310,7 @@ class Lanes:
             if lanes is None or current is None or not all(e in batch for e in current):
                 return
             del lanes.spilling[key]
+            lanes.parking.discard(key)
             now = time.monotonic()
             if len(self._no_spill) > 1000:  # a long outage: forget the pauses that are over
                 self._no_spill = {k: until for k, until in self._no_spill.items() if until > now}
@@ -357,6 +403,17 @@ class Lanes:
                     if key is not BARRIER:
                         counts[key] = counts.get(key, 0) + len(entries)
             return counts
+
+    def parking(self, partition: int) -> tuple[int, list[str]]:
+        """The held keys of ``partition`` that park what comes, and how many more may wait outside the window.
+
+        (0, []) when their messages keep their window places (no ``release``).
+        """
+        with self._lock:
+            lanes = self._partitions.get(partition)
+            if lanes is None or not lanes.parking or self.release is None:
+                return 0, []
+            return max(0, self.parking_room - len(lanes.released)), sorted(lanes.parking)
 
     def crowded_keys(self, partition: int, limit: int) -> list[str]:
         """The keys of ``partition`` with ``limit`` or more messages in the window (running and waiting)."""

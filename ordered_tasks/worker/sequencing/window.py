@@ -41,6 +41,16 @@ def key_limit(window: int) -> int:
 MIN_SPILL = 4
 
 
+def parking_room(window: int) -> int:
+    """Messages of held keys that may wait to be parked outside a partition's window (Redis): 16 windows.
+
+    They are parked in one batch per database transaction, so the more come
+    while one batch is stored, the fewer transactions a hot key costs; this
+    bounds what a worker holds in memory per partition.
+    """
+    return 16 * window
+
+
 def spill_at(window: int) -> int:
     """How many waiting messages make a key spill; 0 (never) for a window under ``2 * MIN_SPILL``."""
     limit = key_limit(window)

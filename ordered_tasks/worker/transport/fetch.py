@@ -20,7 +20,7 @@ from ...conf import get_settings
 from ...redisscripts import RECORD_POPPED
 from ..health import metrics
 from ..sequencing.lanes import Lanes
-from ..sequencing.window import key_limit, new_lanes
+from ..sequencing.window import key_limit, new_lanes, parking_room
 from ..unanswered import Unanswered
 from .qos import HeadQoS
 
@@ -51,16 +51,19 @@ DELIVERY_STEP = 1e-6
 #: to take, the most messages one key may have in the window (its share and a running one),
 #: then each queue's name (as in KEYS, without prefix and priority suffix), then for each
 #: queue a JSON object of the keys it has in the window with their number of messages there
-#: ('' for none), then each queue's free places (priority lists of one queue share them and
-#: the key counts). Returns the queue name, delivery tag and message of each message taken,
-#: in the order taken, or false.
+#: ('' for none), then each queue's free places, then for each queue its parking room as a
+#: JSON object ``{"room": n, "keys": [...]}`` ('' for none; priority lists of one queue
+#: share places, key counts and room). Returns the queue name, delivery tag and message of
+#: each message taken, in the order taken, or false.
 #:
 #: Each queue is read once from its head, LOOK_AHEAD messages at most. A message whose key
 #: (its ``ordered_key`` header, a string) has its share in the window, counting the messages
 #: taken in this call, is looked past and stays in place, so each key's messages still come
-#: in their order and no key takes more than its share. A message whose key cannot be read
-#: ends the look once something was looked past (it may belong to such a key); before
-#: that, it is at the head, and is taken.
+#: in their order and no key takes more than its share. A message of a parking key (held:
+#: the worker parks its messages as they come) is taken while there is parking room, without
+#: a place in the window. A message whose key cannot be read ends the look once something
+#: was looked past (it may belong to such a key); before that, it is at the head, and is
+#: taken if there is a free place.
 #:
 #: Each message is recorded by :data:`~ordered_tasks.redisscripts.RECORD_POPPED`, which
 #: wraps an item that is not a kombu message of the queue for the worker to park.
@@ -69,13 +72,18 @@ local count = (#KEYS - 2)
 local at = tonumber(ARGV[1])
 local most = tonumber(ARGV[3])
 local share = tonumber(ARGV[4])
-local free, held = {}, {}
+local free, held, room, parking = {}, {}, {}, {}
 for i = 1, count do
   local queue = ARGV[4 + i]
   free[queue] = tonumber(ARGV[4 + 2 * count + i]) or 0
   if held[queue] == nil then
     local counts = ARGV[4 + count + i] or ''
     held[queue] = counts ~= '' and cjson.decode(counts) or {}
+    local rooms = ARGV[4 + 3 * count + i] or ''
+    local parked = rooms ~= '' and cjson.decode(rooms) or {}
+    room[queue] = tonumber(parked['room']) or 0
+    parking[queue] = {}
+    for _, key in ipairs(parked['keys'] or {}) do parking[queue][key] = true end
   end
 end
 local taken = {}
@@ -83,30 +91,37 @@ local n = 0
 for i = 1, count do
   local queue = ARGV[4 + i]
   if n >= most then break end
-  if free[queue] > 0 then
+  if free[queue] > 0 or room[queue] > 0 then
     local in_window = held[queue]
+    local parks = parking[queue]
     local items = redis.call('LRANGE', KEYS[i], -LOOK_AHEAD, -1)
     local passed = false
     for j = #items, 1, -1 do
-      if n >= most or free[queue] <= 0 then break end
+      if n >= most or (free[queue] <= 0 and room[queue] <= 0) then break end
       local item = items[j]
       local ok, message = pcall(cjson.decode, item)
       if not ok or type(message) ~= 'table' then message = nil end
       local headers = message and message['headers']
       local key = type(headers) == 'table' and headers['ordered_key'] or nil
       if type(key) ~= 'string' then key = nil end
-      local take = true
+      local take, outside = true, false
       if key == nil then
-        if passed then break end
-      elseif (in_window[key] or 0) >= share then
+        if passed or free[queue] <= 0 then break end
+      elseif parks[key] and room[queue] > 0 then
+        outside = true
+      elseif free[queue] <= 0 or (in_window[key] or 0) >= share then
         take = false
         passed = true
       end
       if take then
         if passed then redis.call('LREM', KEYS[i], -1, item) else redis.call('RPOP', KEYS[i]) end
-        if key ~= nil then in_window[key] = (in_window[key] or 0) + 1 end
         n = n + 1
-        free[queue] = free[queue] - 1
+        if outside then
+          room[queue] = room[queue] - 1
+        else
+          if key ~= nil then in_window[key] = (in_window[key] or 0) + 1 end
+          free[queue] = free[queue] - 1
+        end
         local tag
         tag, item = record(item, message, queue, ARGV[2] .. '-' .. n, KEYS[count + 1], KEYS[count + 2],
                            string.format('%.6f', at + (n - 1) * DELIVERY_STEP))
@@ -175,6 +190,10 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         """The per-key lanes of the messages this channel fetched (the task channel only)."""
         if self._lanes is None and self.fetches_reliably:
             self._lanes = new_lanes()
+            # A held key's messages waiting to be parked leave the window (see Lanes).
+            qos: Any = self.qos
+            self._lanes.release = qos.hold
+            self._lanes.parking_room = parking_room(self.window)
         return self._lanes
 
     def forget_window(self, queue: str, partition: int) -> None:
@@ -192,7 +211,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         channel: Any = self  # kombu is untyped
         in_window, window = channel.qos.in_window, self.window
         cycle = channel._queue_cycle.consume(len(channel.active_queues))
-        queues = [q for q in cycle if in_window[q] < window]
+        queues = [q for q in cycle if in_window[q] < window or self._parks(q)]
         if not queues:
             return
         prefix = channel.global_keyprefix or ""
@@ -206,23 +225,42 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         self._fetched_at = max(time(), self._fetched_at + FETCH_BATCH * DELIVERY_STEP)
         free = [str(window - in_window[name]) for name in names]
         arguments = (len(keys), *keys, f"{self._fetched_at:.6f}", uuid4().hex, FETCH_BATCH,
-                     key_limit(window) + 1, *names, *self._in_window(names), *free)
+                     key_limit(window) + 1, *names, *self._in_window(names), *free, *self._rooms(names))
         if self._script_on is connection:
             connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
         else:  # Redis caches the script as it runs it
             connection.send_command("EVAL", _FETCH, *arguments)
             self._script_on = connection
 
+    def _partition_of(self, name: str) -> int | None:
+        partition = self._partitions.get(name, -1)
+        if partition == -1:
+            partition = self._partitions[name] = get_settings().partition_of_queue(name)
+        return partition
+
     def _in_window(self, names: list[str]) -> list[str]:
         """For each queue, its keys' numbers of messages in the window, as a JSON object ('' for none)."""
         lanes = self._lanes
         out = []
         for name in names:
-            partition = self._partitions.get(name, -1)
-            if partition == -1:
-                partition = self._partitions[name] = get_settings().partition_of_queue(name)
+            partition = self._partition_of(name)
             counts = lanes.key_counts(partition) if lanes is not None and partition is not None else None
             out.append(json.dumps(counts) if counts else "")
+        return out
+
+    def _parks(self, name: str) -> bool:
+        """Whether ``name`` has held keys whose messages the fetch may take outside the window."""
+        lanes, partition = self._lanes, self._partition_of(name)
+        return lanes is not None and partition is not None and lanes.parking(partition)[0] > 0
+
+    def _rooms(self, names: list[str]) -> list[str]:
+        """For each queue, its parking room and keys as a JSON object ('' for none)."""
+        lanes = self._lanes
+        out = []
+        for name in names:
+            partition = self._partition_of(name)
+            room, keys = lanes.parking(partition) if lanes is not None and partition is not None else (0, [])
+            out.append(json.dumps({"room": room, "keys": keys}) if room and keys else "")
         return out
 
     def forget(self, delivery_tag: str) -> bool:

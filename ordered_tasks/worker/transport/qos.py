@@ -57,6 +57,21 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
             self._placed[delivery_tag] = queue
             self.in_window[queue] += 1
 
+    def can_consume(self) -> bool:
+        """Whether the channel may fetch: its messages in windows are under the prefetch count.
+
+        With the reliable fetch, a message held outside its window (a
+        retry's wake-up waiting for its time, a held key's message waiting
+        to be parked) does not count: the fetch bounds each queue's window,
+        and the lanes bound what waits outside it. Kombu counts every
+        unacknowledged message, so a hot key waiting to be parked would stop
+        the fetch for every partition.
+        """
+        if getattr(self.channel, "fetches_reliably", False):
+            limit = self.prefetch_count
+            return not limit or len(self._placed) < limit
+        return bool(super().can_consume())
+
     def hold(self, delivery_tag: str) -> None:
         """The message waits for its time outside the window (it stays unacknowledged)."""
         queue = self._placed.pop(delivery_tag, None)
