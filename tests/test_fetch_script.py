@@ -72,10 +72,36 @@ def test_with_no_free_place_only_a_parking_key_is_taken(client: redis.Redis) -> 
 
 
 def test_a_message_without_a_key_stops_the_look_once_something_was_passed(client: redis.Redis) -> None:
-    queue, tags = _queue(client, ["h", "?", "o"])
+    queue, _tags = _queue(client, ["h", "?", "o"])
     unkeyed = json.loads(client.lindex(queue, 1))
     del unkeyed["headers"]["ordered_key"]
     client.lset(queue, 1, json.dumps(unkeyed))
     taken = _fetch(client, queue, free=3, share=1, counts={"h": 1})
     assert taken == []  # h is crowded; the message after it may be h's: nothing further is taken
     client.delete(queue)
+
+
+class _Message:
+    def __init__(self, queue: str) -> None:
+        self.delivery_info = {"routing_key": queue}
+
+
+def test_messages_waiting_to_be_parked_do_not_count_against_the_prefetch_limit() -> None:
+    from ordered_tasks.worker.transport.qos import HeadQoS
+
+    channel = type("Channel", (), {"fetches_reliably": True, "connection": object()})()
+    qos = HeadQoS(channel, prefetch_count=2)
+    for tag in ("a", "b", "c"):
+        qos.append(_Message("q"), tag)
+    assert qos.in_window["q"] == 3 and not qos.can_consume()
+    qos.park_outside("a")
+    qos.park_outside("b")  # a hot key's messages waiting for their batch: outside the window
+    assert qos.in_window["q"] == 1 and qos.can_consume()
+    qos.hold("c")  # a retry's wake-up waiting for its time still counts, as in kombu
+    assert qos.in_window["q"] == 0 and qos.can_consume()
+    qos.append(_Message("q"), "d")
+    assert not qos.can_consume()
+    qos.acknowledged("a")
+    qos.forget_queue("q")  # a new tenure: what the channel held of the queue went back to it
+    assert qos.in_window["q"] == 0 and qos.can_consume()
+    assert qos._outside == {} and qos._parking == 0 and qos._placed == {}

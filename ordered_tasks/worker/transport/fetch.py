@@ -192,7 +192,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._lanes = new_lanes()
             # A held key's messages waiting to be parked leave the window (see Lanes).
             qos: Any = self.qos
-            self._lanes.release = qos.hold
+            self._lanes.release = qos.park_outside
             self._lanes.parking_room = parking_room(self.window)
         return self._lanes
 

@@ -43,6 +43,11 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         #: Delivery tag -> queue, of the unacknowledged messages that take a place in their
         #: queue's window (a retry's wake-up waiting for its time does not).
         self._placed: dict[str, str] = {}
+        #: Delivery tag -> (queue, parking), of the unacknowledged messages held outside the
+        #: window: a retry's wake-up waiting for its time, a held key's message waiting to be parked.
+        self._outside: dict[str, tuple[str, bool]] = {}
+        #: How many of those wait to be parked (the lanes bound them by their parking room).
+        self._parking = 0
         #: Queue -> unacknowledged messages that take a place in its window.
         self.in_window: Counter[str] = Counter()
 
@@ -60,34 +65,52 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
     def can_consume(self) -> bool:
         """Whether the channel may fetch: its messages in windows are under the prefetch count.
 
-        With the reliable fetch, a message held outside its window (a
-        retry's wake-up waiting for its time, a held key's message waiting
-        to be parked) does not count: the fetch bounds each queue's window,
-        and the lanes bound what waits outside it. Kombu counts every
-        unacknowledged message, so a hot key waiting to be parked would stop
-        the fetch for every partition.
+        With the reliable fetch, a held key's message waiting to be parked
+        does not count: the lanes bound those by their parking room. Kombu
+        counts every unacknowledged message, so a hot key's messages waiting
+        for their batch would stop the fetch for every partition.
         """
         if getattr(self.channel, "fetches_reliably", False):
             limit = self.prefetch_count
-            return not limit or len(self._placed) < limit
+            return not limit or len(self._placed) + len(self._outside) - self._parking < limit
         return bool(super().can_consume())
 
     def hold(self, delivery_tag: str) -> None:
         """The message waits for its time outside the window (it stays unacknowledged)."""
+        self._leave_window(delivery_tag, parking=False)
+
+    def park_outside(self, delivery_tag: str) -> None:
+        """The message waits to be parked outside the window (it stays unacknowledged)."""
+        self._leave_window(delivery_tag, parking=True)
+
+    def _leave_window(self, delivery_tag: str, parking: bool) -> None:
         queue = self._placed.pop(delivery_tag, None)
         if queue is not None:
             self.in_window[queue] -= 1
+            self._outside[delivery_tag] = (queue, parking)
+            self._parking += parking
+
+    def _forget(self, delivery_tag: str) -> None:
+        """The message is settled (or went back to its queue): it holds no place any more."""
+        queue = self._placed.pop(delivery_tag, None)
+        if queue is not None:
+            self.in_window[queue] -= 1
+        outside = self._outside.pop(delivery_tag, None)
+        if outside is not None:
+            self._parking -= outside[1]
 
     def forget_queue(self, queue: str) -> None:
         """Drop what this channel holds of ``queue``: its records went back to the queue with a new tenure."""
-        for tag in [t for t, q in self._placed.items() if q == queue]:
-            self.hold(tag)
+        tags = [t for t, q in self._placed.items() if q == queue]
+        tags += [t for t, (q, _parking) in self._outside.items() if q == queue]
+        for tag in tags:
+            self._forget(tag)
             self._delivered.pop(tag, None)  # type: ignore[union-attr]
 
     def acknowledged(self, delivery_tag: str) -> None:
         """Redis took the acknowledgement: forget the message here."""
         VirtualQoS.ack(self, delivery_tag)
-        self.hold(delivery_tag)
+        self._forget(delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
         flush_completions()  # the completion ledger first: a redelivered copy is recognised
@@ -100,7 +123,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
                 self.acknowledged(delivery_tag)
         else:
             super().ack(delivery_tag)
-            self.hold(delivery_tag)
+            self._forget(delivery_tag)
         self._settled(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -115,7 +138,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
             _requeue_at_head(self, delivery_tag)
         else:
             super().reject(delivery_tag, requeue=False)
-        self.hold(delivery_tag)
+        self._forget(delivery_tag)
         self._settled(delivery_tag)
 
     def _wake_if_full(self, delivery_tag: str) -> None:
@@ -155,4 +178,4 @@ def _requeue_at_head(qos: Any, delivery_tag: str) -> None:
     """Move an unacknowledged message back to the head of its queue and forget it here."""
     qos.restore_by_tag(delivery_tag, leftmost=False)
     VirtualQoS.ack(qos, delivery_tag)
-    qos.hold(delivery_tag)
+    qos._forget(delivery_tag)
