@@ -14,6 +14,10 @@ from .exceptions import ConfigurationError
 
 SENTINEL_SCHEME = "sentinel://"
 SENTINEL_PORT = 26379
+#: Seconds a command to the coordination Redis may take: under a partition lease's 6 s, so
+#: that a Redis that hangs (frozen, a network that drops packets) fails the command instead
+#: of holding a worker's event loop or lease keeper for good.
+COORDINATION_TIMEOUT = 5.0
 
 
 def is_redis(broker_url: str | None) -> bool:
@@ -51,7 +55,13 @@ def client_for(url: str, transport_options: Mapping[str, Any] | None = None, **k
 
 
 def coordination_client(app: Any, **kwargs: Any) -> redis.Redis | None:
-    """The coordination Redis of ``app``'s workers; None without one (RabbitMQ and no ``REDIS_URL``)."""
+    """The coordination Redis of ``app``'s workers; None without one (RabbitMQ and no ``REDIS_URL``).
+
+    Its commands time out after :data:`COORDINATION_TIMEOUT` seconds unless
+    ``kwargs`` say otherwise.
+    """
+    kwargs.setdefault("socket_timeout", COORDINATION_TIMEOUT)
+    kwargs.setdefault("socket_connect_timeout", COORDINATION_TIMEOUT)
     broker_url = app.conf.broker_url
     url = get_settings().coordination_url(broker_url)
     if url is not None:

@@ -94,3 +94,30 @@ def test_coordination_redis_is_the_setting_else_a_redis_broker() -> None:
     assert build({}).coordination_url("redis://h:6379/1") == "redis://h:6379/1"
     assert build({}).coordination_url("amqp://guest@h//") is None
     assert build({"REDIS_URL": "redis://r/2"}).coordination_url("amqp://guest@h//") == "redis://r/2"
+
+
+def test_a_coordination_redis_that_does_not_answer_fails_a_command_instead_of_hanging(
+        settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen Redis (here: a socket that accepts and never answers) must not hold a worker for good."""
+    import socket
+    import time
+
+    import redis
+    from celery import Celery
+
+    from ordered_tasks import coordination
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    monkeypatch.setattr(coordination, "COORDINATION_TIMEOUT", 0.5)
+    settings.ORDERED_TASKS = {"REDIS_URL": f"redis://127.0.0.1:{listener.getsockname()[1]}/0"}
+    app = Celery("frozen", set_as_current=False)
+    app.conf.broker_url = "amqp://guest@127.0.0.1//"
+    client = coordination.coordination_client(app)
+    assert client is not None
+    started = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        client.set("k", "v")
+    assert time.monotonic() - started < 5
+    listener.close()
