@@ -298,6 +298,15 @@ def test_a_redelivered_copy_of_a_completed_or_parked_task_does_not_run_again(
     assert len(ParkedMessage.objects.filter(key=key)) == 1
 
 
+def test_a_redelivered_copy_of_a_task_that_raised_ignore_does_not_run_again(
+        app: Celery, run: str, results: redis.Redis) -> None:
+    """``Task.replace`` raises ``Ignore`` after publishing the replacement: a copy must not publish it twice."""
+    key = same_partition_keys(1)[0]
+    assert deliver(app, "ignoring_step", key, 1, run, task_id="replaced").state == "IGNORED"
+    assert deliver(app, "ignoring_step", key, 1, run, task_id="replaced", redelivered=True).state == "IGNORED"
+    assert ran(results, run, key) == [1]
+
+
 def test_the_completion_ledger_remembers_a_bounded_number_of_tasks(results: redis.Redis) -> None:
     from ordered_tasks.worker.redelivery import ledger as ledgers
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 from celery import shared_task
+from celery.exceptions import Ignore
 
 from ordered_tasks import ordered_task
 
@@ -93,6 +94,13 @@ def strict_step(run: str, key: Any, seq: int) -> None:
     """Blocks its key when it fails (the default policy)."""
     attempt(run, key, seq)
     record(run, key, seq, 0.0)
+
+
+@ordered_task(key="key", ignore_result=True)
+def ignoring_step(run: str, key: Any, seq: int) -> None:
+    """Does its work, then raises Celery's ``Ignore`` (as ``Task.replace`` does)."""
+    record(run, key, seq, 0.0)
+    raise Ignore()
 
 
 @ordered_task(key="key", ignore_result=True, autoretry_for=(Boom,), max_retries=3, retry_backoff=1,

@@ -94,9 +94,11 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
             task.retry(exc=plain.exc, countdown=seconds_until(plain.when))
         finally:
             metrics.task_ran(partition, time.monotonic() - started)
-    except Ignore:
+    except Ignore:  # the task ended itself (``Task.replace`` raises it once the replacement is sent)
         if replaying is not None:
             replaying.outcome = Outcome.OK
+        elif ledger is not None:
+            ledger.record(partition, request.id)  # a redelivered copy must not run it again
         raise
     except InPlaceRetry as retry:
         with requeue_unless_stored(f"message {request.id}"):
