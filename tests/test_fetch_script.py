@@ -104,4 +104,4 @@ def test_messages_waiting_to_be_parked_do_not_count_against_the_prefetch_limit()
     qos.acknowledged("a")
     qos.forget_queue("q")  # a new tenure: what the channel held of the queue went back to it
     assert qos.in_window["q"] == 0 and qos.can_consume()
-    assert qos._outside == {} and qos._parking == 0 and qos._placed == {}
+    assert qos._held == {} and qos._parking == {} and qos._placed == {}

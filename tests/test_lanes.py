@@ -482,3 +482,32 @@ def test_without_release_a_held_key_keeps_its_window_places() -> None:
     rec.lanes.settled("a0")
     rec.acknowledge(["a1", "a2", "a3"])
     assert rec.lanes.parking(0) == (0, [])  # RabbitMQ: the prefetch count is the window
+
+
+def test_a_wake_up_waiting_behind_a_batch_starts_when_it_settles_however_many_more_came() -> None:
+    rec = Spilling()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    rec.acknowledge(["a1", "a2", "a3"])  # held: the key parks what comes
+    rec.admit("a4", "a")  # being parked
+    rec.admit("wake", "a", control=True)
+    rec.admit("a5", "a")  # a steady stream: something always waits when a batch settles
+    rec.acknowledge(["a4"])
+    assert rec.started == ["a0", "wake"]  # the wake-up starts, not another batch ahead of it
+    assert rec.spills[-1] == ("a", ["a5"])  # what came after it is parked beside it
+
+
+def test_the_parking_room_counts_every_waiting_message_and_is_closed_behind_a_barrier() -> None:
+    rec = Spilling()
+    rec.lanes.release = lambda tag: None
+    rec.lanes.parking_room = 10
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.settled("a0")
+    rec.acknowledge(["a1", "a2", "a3"])
+    rec.admit("a4", "a")
+    rec.admit("a5", "a", spillable=False)  # a redelivered copy keeps its window place
+    assert rec.lanes.parking(0) == (8, ["a"])  # both count against the room
+    rec.admit("x", None)  # a message whose key is unknown: nothing is parked behind it
+    assert rec.lanes.parking(0) == (0, [])

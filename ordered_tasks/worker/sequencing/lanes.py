@@ -208,6 +208,7 @@ class Lanes:
             followers = list(lanes.waiting.pop(entry.key, ()))
             for follower in followers:
                 self._by_tag.pop(follower.tag, None)
+                lanes.released.discard(follower.tag)
             return followers
 
     def _remove(self, lanes: _Partition, entry: Entry) -> None:
@@ -242,9 +243,20 @@ class Lanes:
         """``last`` of ``key`` settled: spill the key's overflow, or start its next message."""
         if key in lanes.running or key in lanes.spilling:
             return  # a control message still runs: a spill may go on beside it
+        waiting = lanes.waiting.get(key)
+        if waiting and waiting[0].control:
+            # A control message (a wake-up, a replay) first: it starts now, and what came after
+            # it may be parked beside it. Were it left waiting while later messages spill, a
+            # steady stream of its key would keep it waiting for good.
+            control = waiting.popleft()
+            if not waiting:
+                del lanes.waiting[key]
+            lanes.running[key] = control
+            self._to_start.append(control)
+            self._maybe_spill(lanes, control)
+            return
         if self._maybe_spill(lanes, last):
             return
-        waiting = lanes.waiting.get(key)
         if waiting:
             following = waiting.popleft()
             if not waiting:
@@ -411,9 +423,13 @@ class Lanes:
         """
         with self._lock:
             lanes = self._partitions.get(partition)
-            if lanes is None or not lanes.parking or self.release is None:
-                return 0, []
-            return max(0, self.parking_room - len(lanes.released)), sorted(lanes.parking)
+            if lanes is None or not lanes.parking or self.release is None or lanes.barrier is not None:
+                return 0, []  # behind a barrier nothing is parked: what the fetch took would stay
+            # Every message of a parking key that waits or is being stored counts, also one that
+            # keeps its window place (a redelivered copy, or one past the room).
+            used = sum(len(lanes.waiting.get(key, ())) + len(lanes.spilling.get(key, ()))
+                       for key in lanes.parking)
+            return max(0, self.parking_room - max(used, len(lanes.released))), sorted(lanes.parking)
 
     def crowded_keys(self, partition: int, limit: int) -> list[str]:
         """The keys of ``partition`` with ``limit`` or more messages in the window (running and waiting)."""

@@ -43,11 +43,12 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         #: Delivery tag -> queue, of the unacknowledged messages that take a place in their
         #: queue's window (a retry's wake-up waiting for its time does not).
         self._placed: dict[str, str] = {}
-        #: Delivery tag -> (queue, parking), of the unacknowledged messages held outside the
-        #: window: a retry's wake-up waiting for its time, a held key's message waiting to be parked.
-        self._outside: dict[str, tuple[str, bool]] = {}
-        #: How many of those wait to be parked (the lanes bound them by their parking room).
-        self._parking = 0
+        #: Delivery tag -> queue, of the unacknowledged messages held outside the window: a
+        #: retry's wake-up waiting for its time (``_held``), a held key's message waiting to be
+        #: parked (``_parking``, bounded by the lanes' parking room). Dictionaries, whose single
+        #: operations pool threads and the event loop may do at once.
+        self._held: dict[str, str] = {}
+        self._parking: dict[str, str] = {}
         #: Queue -> unacknowledged messages that take a place in its window.
         self.in_window: Counter[str] = Counter()
 
@@ -72,7 +73,7 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         """
         if getattr(self.channel, "fetches_reliably", False):
             limit = self.prefetch_count
-            return not limit or len(self._placed) + len(self._outside) - self._parking < limit
+            return not limit or len(self._placed) + len(self._held) < limit
         return bool(super().can_consume())
 
     def hold(self, delivery_tag: str) -> None:
@@ -87,22 +88,20 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
         queue = self._placed.pop(delivery_tag, None)
         if queue is not None:
             self.in_window[queue] -= 1
-            self._outside[delivery_tag] = (queue, parking)
-            self._parking += parking
+            (self._parking if parking else self._held)[delivery_tag] = queue
 
     def _forget(self, delivery_tag: str) -> None:
         """The message is settled (or went back to its queue): it holds no place any more."""
         queue = self._placed.pop(delivery_tag, None)
         if queue is not None:
             self.in_window[queue] -= 1
-        outside = self._outside.pop(delivery_tag, None)
-        if outside is not None:
-            self._parking -= outside[1]
+        self._held.pop(delivery_tag, None)
+        self._parking.pop(delivery_tag, None)
 
     def forget_queue(self, queue: str) -> None:
         """Drop what this channel holds of ``queue``: its records went back to the queue with a new tenure."""
-        tags = [t for t, q in self._placed.items() if q == queue]
-        tags += [t for t, (q, _parking) in self._outside.items() if q == queue]
+        tags = [t for group in (self._placed, self._held, self._parking)
+                for t, q in list(group.items()) if q == queue]
         for tag in tags:
             self._forget(tag)
             self._delivered.pop(tag, None)  # type: ignore[union-attr]
