@@ -288,6 +288,13 @@ class Spilling(Recorder):
         for tag in tags:
             self.lanes.settled(tag)
 
+    def hold_a(self) -> None:
+        """Key ``a`` spills once (a0 runs, a1..a3 are parked in one batch): it is held from then on."""
+        for n in range(4):
+            self.admit(f"a{n}", "a")
+        self.lanes.settled("a0")
+        self.acknowledge(["a1", "a2", "a3"])
+
 
 def test_a_crowded_key_spills_its_waiting_messages_in_order_once_its_running_one_settled() -> None:
     rec = Spilling()
@@ -312,10 +319,7 @@ def test_a_crowded_key_spills_its_waiting_messages_in_order_once_its_running_one
 
 def test_a_held_key_parks_what_comes_in_batches_until_a_control_message_of_it_settled() -> None:
     rec = Spilling()
-    for n in range(4):
-        rec.admit(f"a{n}", "a")
-    rec.lanes.settled("a0")
-    rec.acknowledge(["a1", "a2", "a3"])  # parked: the key is held
+    rec.hold_a()  # parked: the key is held
     rec.admit("a4", "a")
     assert rec.spills[-1] == ("a", ["a4"])  # parked as it comes, below the crowded limit
     rec.admit("a5", "a")
@@ -337,10 +341,7 @@ def test_a_held_key_parks_what_comes_in_batches_until_a_control_message_of_it_se
 
 def test_a_held_key_whose_spill_failed_or_that_has_a_redelivered_copy_starts_its_messages() -> None:
     rec = Spilling()
-    for n in range(4):
-        rec.admit(f"a{n}", "a")
-    rec.lanes.settled("a0")
-    rec.acknowledge(["a1", "a2", "a3"])
+    rec.hold_a()
     rec.admit("a4", "a", spillable=False)  # a redelivered copy goes through the guard
     assert rec.started == ["a0", "a4"]
     rec.admit("a5", "a")
@@ -477,19 +478,13 @@ def test_a_held_keys_messages_waiting_to_be_parked_leave_the_window_up_to_the_pa
 
 def test_without_release_a_held_key_keeps_its_window_places() -> None:
     rec = Spilling()
-    for n in range(4):
-        rec.admit(f"a{n}", "a")
-    rec.lanes.settled("a0")
-    rec.acknowledge(["a1", "a2", "a3"])
+    rec.hold_a()
     assert rec.lanes.parking(0) == (0, [])  # RabbitMQ: the prefetch count is the window
 
 
 def test_a_wake_up_waiting_behind_a_batch_starts_when_it_settles_however_many_more_came() -> None:
     rec = Spilling()
-    for n in range(4):
-        rec.admit(f"a{n}", "a")
-    rec.lanes.settled("a0")
-    rec.acknowledge(["a1", "a2", "a3"])  # held: the key parks what comes
+    rec.hold_a()  # held: the key parks what comes
     rec.admit("a4", "a")  # being parked
     rec.admit("wake", "a", control=True)
     rec.admit("a5", "a")  # a steady stream: something always waits when a batch settles
@@ -502,10 +497,7 @@ def test_the_parking_room_counts_every_waiting_message_and_is_closed_behind_a_ba
     rec = Spilling()
     rec.lanes.release = lambda tag: None
     rec.lanes.parking_room = 10
-    for n in range(4):
-        rec.admit(f"a{n}", "a")
-    rec.lanes.settled("a0")
-    rec.acknowledge(["a1", "a2", "a3"])
+    rec.hold_a()
     rec.admit("a4", "a")
     rec.admit("a5", "a", spillable=False)  # a redelivered copy keeps its window place
     assert rec.lanes.parking(0) == (8, ["a"])  # both count against the room
