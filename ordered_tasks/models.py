@@ -11,6 +11,20 @@ from django.utils import timezone
 from .partitioning import MAX_KEY_LENGTH
 from .states import ControlAction, KeyStatus
 
+
+def locked_row(model: Any, lookup: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+    """The row of ``model`` that ``lookup`` finds, locked until the transaction ends; created first if none.
+
+    One query when the row exists (the usual case): each query of a
+    transaction waits for the interpreter lock when it returns, which a
+    busy threads pool makes slow.
+    """
+    try:
+        return model.objects.select_for_update().get(**lookup)
+    except model.DoesNotExist:
+        model.objects.get_or_create(**lookup, defaults=defaults or {})
+        return model.objects.select_for_update().get(**lookup)
+
 #: The statuses of :class:`~ordered_tasks.states.KeyStatus`, by their old names.
 ACTIVE, RETRYING, BLOCKED = KeyStatus.ACTIVE.value, KeyStatus.RETRYING.value, KeyStatus.BLOCKED.value
 
@@ -180,6 +194,21 @@ class PartitionFence(models.Model):
 
     def __str__(self) -> str:
         return f"partition {self.partition}: fence {self.fence}"
+
+    @classmethod
+    def advance(cls, partition: int, fence: int) -> int | None:
+        """Record ``fence`` for ``partition`` unless a newer owner has written: then return its fence.
+
+        Inside a transaction: the row stays locked until it ends, so no
+        other owner writes in between. Nothing changes when it returns a fence.
+        """
+        row = locked_row(cls, {"partition": partition})
+        if fence < row.fence:
+            return int(row.fence)
+        if fence > row.fence:
+            row.fence = fence
+            row.save(update_fields=["fence", "updated_at"])
+        return None
 
 
 class PartitionStatus(models.Model):

@@ -484,15 +484,11 @@ class _Store:
 
 def _check_fence(partition: int, fence: int) -> None:
     """Refuse the write if a newer owner of ``partition`` has written (as the worker's writes do)."""
-    PartitionFence.objects.get_or_create(partition=partition)
-    row = PartitionFence.objects.select_for_update().get(partition=partition)
-    if fence < row.fence:
+    newer = PartitionFence.advance(partition, fence)
+    if newer is not None:
         raise PurgeRefused(
-            f"Partition {partition} has a newer owner (fence {row.fence} > {fence}): the purge lost "
+            f"Partition {partition} has a newer owner (fence {newer} > {fence}): the purge lost "
             "its lease and stored nothing more. Stop the partition's workers and run it again.")
-    if fence > row.fence:
-        row.fence = fence
-        row.save(update_fields=["fence", "updated_at"])
 
 
 def _json_safe(value: Any) -> Any:

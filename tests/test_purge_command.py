@@ -225,3 +225,21 @@ def test_the_command_asks_first_and_checks_partitions(app: Celery) -> None:
     out = io.StringIO()
     call_command("ordered_purge", all=True, yes=True, stdout=out)
     assert out.getvalue().count("no message waiting") == get_settings().partitions
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)  # leases and fences are Redis's
+def test_a_purge_that_lost_its_lease_to_a_newer_owner_stores_nothing_more(broker: str) -> None:
+    from django.db import transaction
+
+    from ordered_tasks.models import PartitionFence
+    from ordered_tasks.purge import PurgeRefused, _check_fence
+
+    partition = 0
+    PartitionFence.objects.filter(partition=partition).delete()
+    with transaction.atomic():
+        _check_fence(partition, 5)  # the first owner: recorded
+    assert PartitionFence.objects.get(partition=partition).fence == 5
+    with pytest.raises(PurgeRefused, match=r"newer owner \(fence 5 > 4\)"), transaction.atomic():
+        _check_fence(partition, 4)
+    assert PartitionFence.objects.get(partition=partition).fence == 5
+    PartitionFence.objects.filter(partition=partition).delete()

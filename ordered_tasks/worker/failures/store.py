@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from ...exceptions import StaleOwnerError
-from ...models import AccountState, ParkedMessage, PartitionFence
+from ...models import AccountState, ParkedMessage, PartitionFence, locked_row
 from ...states import KeyStatus
 from ..delivery import Delivery
 from ..exclusivity.fencing import FENCE
@@ -57,36 +57,19 @@ def locked_state(key: str, partition: int) -> AccountState:
     fence = FENCE.get()
     if fence is not None:
         check_fence(partition, fence)
-    state: AccountState = _locked(AccountState, {"key": key}, {"partition": partition})
+    state: AccountState = locked_row(AccountState, {"key": key}, {"partition": partition})
     return state
-
-
-def _locked(model: Any, lookup: dict[str, Any], defaults: dict[str, Any]) -> Any:
-    """The row of ``model`` that ``lookup`` finds, locked; created first if there is none.
-
-    One query when the row exists (the usual case): each query of a
-    transaction waits for the interpreter lock when it returns, which a
-    busy threads pool makes slow.
-    """
-    try:
-        return model.objects.select_for_update().get(**lookup)
-    except model.DoesNotExist:
-        model.objects.get_or_create(**lookup, defaults=defaults)
-        return model.objects.select_for_update().get(**lookup)
 
 
 def check_fence(partition: int, fence: int) -> None:
     """Refuse ``fence`` if a newer owner of ``partition`` has written; else record it."""
-    row = _locked(PartitionFence, {"partition": partition}, {})
-    if fence < row.fence:
+    newer = PartitionFence.advance(partition, fence)
+    if newer is not None:
         metrics.count(partition, metrics.FENCE_REFUSED)
         raise StaleOwnerError(
-            f"Partition {partition} has a newer owner (fence {row.fence} > {fence}); "
+            f"Partition {partition} has a newer owner (fence {newer} > {fence}); "
             "this worker lost its lease and must not change its keys."
         )
-    if fence > row.fence:
-        row.fence = fence
-        row.save(update_fields=["fence", "updated_at"])
 
 
 def _new_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
