@@ -13,6 +13,7 @@ from kombu import Connection
 from .coordination import client_for, is_redis
 from .options import PUBLISHED_HEADER
 from .partitioning import queue_name
+from .redisscripts import aside_index, aside_list
 
 #: Seconds to wait for the broker before the page says it cannot be reached.
 BROKER_TIMEOUT = 2.0
@@ -49,22 +50,38 @@ def queue_figures(broker_url: str, prefix: str, partitions: int,
 
 def _redis(url: str, names: dict[int, str],
            transport_options: Mapping[str, Any] | None) -> dict[int, QueueFigures]:
+    """Depth and head's age of each queue, with the messages its worker set aside for busy keys."""
+    prefix = str((transport_options or {}).get("global_keyprefix") or "")
     client = client_for(url, transport_options, socket_timeout=BROKER_TIMEOUT,
                         socket_connect_timeout=BROKER_TIMEOUT)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names.values():
-            pipe.llen(name)
-            pipe.lindex(name, -1)  # kombu pops from this end: the head
-        replies = pipe.execute()
+            pipe.smembers(prefix + aside_index(name))
+        lists = {partition: [prefix + name] + [prefix + aside_list(name, _text(key)) for key in sorted(keys)]
+                 for (partition, name), keys in zip(names.items(), pipe.execute(), strict=True)}
+        for keys in lists.values():
+            for key in keys:
+                pipe.llen(key)
+                pipe.lindex(key, -1)  # kombu pops from this end: the head
+        replies = iter(pipe.execute())
     finally:
         client.close()
     now = time.time()
     figures = {}
-    for index, partition in enumerate(names):
-        depth, head = replies[2 * index], replies[2 * index + 1]
-        figures[partition] = QueueFigures(int(depth), _age(head, now))
+    for partition, keys in lists.items():
+        depth, ages = 0, []
+        for _key in keys:
+            depth += int(next(replies))
+            age = _age(next(replies), now)
+            if age is not None:
+                ages.append(age)
+        figures[partition] = QueueFigures(depth, max(ages) if ages else None)
     return figures
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _age(raw: Any, now: float) -> float | None:

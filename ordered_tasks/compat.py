@@ -49,6 +49,11 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     Private("kombu.transport.redis:Channel", "_queue_cycle"),
     Private("kombu.transport.redis:Channel", "_q_for_pri", ("queue", "pri")),
     Private("kombu.transport.redis:Channel", "_in_poll"),
+    # Putting a message back before its key's messages set aside.
+    Private("kombu.transport.redis:Channel", "_do_restore_message",
+            ("payload", "exchange", "routing_key", "pipe", "leftmost")),
+    Private("kombu.transport.virtual.base:Channel", "_lookup", ("exchange", "routing_key", "default")),
+    Private("kombu.transport.virtual.base:Channel", "_get_message_priority", ("message", "reverse")),
     Private("kombu.transport.redis:Channel", "_brpop_sent_at", since=(5, 7)),  # kombu's stuck-fetch watch
     # The batched fetch reads its reply as kombu's _brpop_read does, for several messages.
     Private("kombu.transport.redis:Channel", "_flush_brpop_reauth", (), since=(5, 7)),

@@ -22,7 +22,7 @@ from .exceptions import InvalidKeyError, OrderedTaskError
 from .models import AccountState, ControlRequest, ParkedMessage, PartitionFence
 from .options import CONTROL_TASK, KEY_HEADER
 from .partitioning import canonical_key, partition_of, queue_name
-from .redisscripts import RECORD_POPPED, RELEASE_LEASE, RENEW_LEASE
+from .redisscripts import RECORD_POPPED, RELEASE_LEASE, RENEW_LEASE, aside_index, aside_list
 from .routing import key_spec_for
 from .states import ControlAction
 
@@ -67,6 +67,15 @@ for i = 1, count do
   end
 end
 return taken
+"""
+
+#: KEYS[1] a queue's set of keys with messages set aside, KEYS[2] one key's list; ARGV[1] the
+#: key: drop the key from the set once its list is empty.
+_FORGET_ASIDE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('SREM', KEYS[1], ARGV[1])
+end
+return 0
 """
 
 
@@ -169,7 +178,13 @@ def _purge_redis(app: Celery, partition: int, name: str, store: _Store) -> None:
         channel: Any = conn.default_channel
         prefix = channel.global_keyprefix or ""
         unacked, index = prefix + channel.unacked_key, prefix + channel.unacked_index_key
-        lists = [prefix + channel._q_for_pri(name, pri) for pri in channel.priority_steps]
+        # The messages a worker set aside for their keys are the earliest of those keys that
+        # wait: they go before the queue's.
+        asides = prefix + aside_index(name)
+        set_aside = sorted(member.decode() if isinstance(member, bytes) else member
+                           for member in client.smembers(asides))
+        lists = [prefix + aside_list(name, key) for key in set_aside]
+        lists += [prefix + channel._q_for_pri(name, pri) for pri in channel.priority_steps]
 
         def ack(batch: list[Taken]) -> None:
             pipe = client.pipeline()
@@ -200,6 +215,8 @@ def _purge_redis(app: Celery, partition: int, name: str, store: _Store) -> None:
             store.save(batch, lease.check)
             ack(batch)
             done += len(batch)
+        for key in set_aside:
+            client.eval(_FORGET_ASIDE, 2, asides, prefix + aside_list(name, key), key)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Lua shared by the worker and the purge command: partition leases, and recording a popped message."""
+"""Redis keys and Lua of the worker and the purge command: leases, popped messages, messages set aside."""
 
 from __future__ import annotations
 
@@ -50,4 +50,32 @@ local function record(item, message, queue, tag, unacked, index, score)
   redis.call('ZADD', index, score, tag)
   return tag, item
 end
+"""
+
+#: The prefix of the Redis keys that hold the messages a worker set aside (kombu's global key
+#: prefix goes before it). A partition queue's messages of a key that has its share of the
+#: window are moved, in their order, to the key's own list, so that the queue's other keys
+#: behind them are reached; the key is served from that list first (see the worker's fetch).
+ASIDE_PREFIX = "ordered_tasks:aside:"
+
+
+def aside_index(queue: str) -> str:
+    """The set of the keys of ``queue`` that have messages set aside."""
+    return f"{ASIDE_PREFIX}{queue}"
+
+
+def aside_list(queue: str, key: str) -> str:
+    """The list of the messages of ``key`` set aside from ``queue`` (its head at the right, as a queue's)."""
+    return f"{ASIDE_PREFIX}{queue}:{key}"
+
+
+#: Put a message back at the head of its key's messages: KEYS[1] the key's list of messages
+#: set aside, KEYS[2] the queue (list) it came from; ARGV[1] the message. While the key has
+#: messages set aside, they are all later than this one, so it goes before them; else it
+#: goes to the head of the queue.
+PUT_BACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('RPUSH', KEYS[1], ARGV[1])
+end
+return redis.call('RPUSH', KEYS[2], ARGV[1])
 """

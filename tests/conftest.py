@@ -126,17 +126,29 @@ def unacknowledged_queues(channel: Any) -> list[str]:
 def queue_depths(app: Celery) -> dict[str, int]:
     """Messages waiting in each ordered queue.
 
-    On Redis this includes the messages a stopped worker left unacknowledged:
-    the partition's next owner puts them back at the head of the queue.
+    On Redis this includes the messages a stopped worker left unacknowledged
+    (the partition's next owner puts them back at the head of the queue), and
+    those it set aside for busy keys.
     """
     depths = {}
     with app.connection_for_write() as conn:
         channel = conn.default_channel
-        unacked = unacknowledged_queues(channel) if conn.transport.driver_type == "redis" else []
+        on_redis = conn.transport.driver_type == "redis"
+        unacked = unacknowledged_queues(channel) if on_redis else []
         for queue in ordered_queues():
             _, count, _ = queue(channel).queue_declare()
-            depths[queue.name] = count + unacked.count(queue.name)
+            aside = _set_aside(channel, queue.name) if on_redis else 0
+            depths[queue.name] = count + unacked.count(queue.name) + aside
     return depths
+
+
+def _set_aside(channel: Any, name: str) -> int:
+    """Messages of the Redis queue ``name`` that a worker set aside for busy keys."""
+    from ordered_tasks.redisscripts import aside_index, aside_list
+
+    client = channel.client
+    keys = client.smembers(aside_index(name))
+    return sum(int(client.llen(aside_list(name, k.decode() if isinstance(k, bytes) else k))) for k in keys)
 
 
 class Workers:

@@ -1,4 +1,4 @@
-"""The Redis fetch script against a real Redis: shares per key, looking past, and a held key's parking room."""
+"""The Redis fetch script against a real Redis: shares per key, messages set aside, and a held key's parking room."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from ordered_tasks.redisscripts import ASIDE_PREFIX, aside_index, aside_list
 from ordered_tasks.worker.transport.fetch import _FETCH
 
 
@@ -38,30 +39,65 @@ def _fetch(client: redis.Redis, queue: str, *, free: int, share: int, counts: di
     unacked, index = f"{queue}.unacked", f"{queue}.index"
     reply = client.eval(_FETCH, 3, queue, unacked, index, "1000.0", "base", most, share, queue,
                         json.dumps(counts) if counts else "", free,
-                        json.dumps(parking) if parking else "")
+                        json.dumps(parking) if parking else "", ASIDE_PREFIX)
     taken = [reply[i + 1] for i in range(0, len(reply or []), 3)]
     assert client.hlen(unacked) == len(taken)  # each one recorded as unacknowledged
     client.delete(unacked, index)
     return taken
 
 
-def test_a_crowded_key_is_looked_past_and_its_messages_stay_in_order(client: redis.Redis) -> None:
+def _tags(client: redis.Redis, name: str) -> list[str]:
+    """The delivery tags of the messages in list ``name``, head first."""
+    return [json.loads(m)["properties"]["delivery_tag"] for m in reversed(client.lrange(name, 0, -1))]
+
+
+def _clean(client: redis.Redis, queue: str) -> None:
+    keys = client.smembers(aside_index(queue))
+    client.delete(queue, aside_index(queue), *(aside_list(queue, key) for key in keys))
+
+
+def test_a_crowded_key_is_set_aside_and_its_messages_stay_in_order(client: redis.Redis) -> None:
     queue, tags = _queue(client, ["h", "h", "h", "o", "h", "p"])
     taken = _fetch(client, queue, free=4, share=2, counts={"h": 1})
-    assert taken == [tags[0], tags[3], tags[5]]  # one more h (its share), then past the others
-    assert [json.loads(m)["properties"]["delivery_tag"] for m in reversed(client.lrange(queue, 0, -1))] == [
-        tags[1], tags[2], tags[4]]
-    client.delete(queue)
+    assert taken == [tags[0], tags[3], tags[5]]  # one more h (its share), then the others behind
+    assert client.llen(queue) == 0  # nothing of the queue is left to look through again
+    assert client.smembers(aside_index(queue)) == {"h"}
+    assert _tags(client, aside_list(queue, "h")) == [tags[1], tags[2], tags[4]]
+    # h has room again (its message in the window finished): it is served from its list first,
+    # in order, before the queue's later messages of h.
+    client.lpush(queue, json.dumps({"body": "", "headers": {"ordered_key": "h"}, "properties": {
+        "delivery_tag": "late-h", "delivery_info": {"exchange": "", "routing_key": queue}}}))
+    assert _fetch(client, queue, free=4, share=2, counts={}) == [tags[1], tags[2]]
+    assert _tags(client, aside_list(queue, "h")) == [tags[4], "late-h"]  # late h went behind them
+    assert _fetch(client, queue, free=4, share=2, counts={}) == [tags[4], "late-h"]
+    assert not client.exists(aside_list(queue, "h")) and not client.exists(aside_index(queue))
+    _clean(client, queue)
+
+
+def test_with_the_window_full_a_key_looked_past_is_not_set_aside_ahead_of_itself(client: redis.Redis) -> None:
+    queue, tags = _queue(client, ["h", "o", "o", "h"])
+    client.lpush(aside_list(queue, "o"), json.dumps({"body": "", "headers": {"ordered_key": "o"}, "properties": {
+        "delivery_tag": "early-o", "delivery_info": {"exchange": "", "routing_key": queue}}}))
+    client.sadd(aside_index(queue), "o")
+    # No free place: h is looked past and stays; parking key p has room, o is set aside behind its list.
+    assert _fetch(client, queue, free=0, share=2, counts={"o": 2}, parking={"room": 4, "keys": ["p"]}) == []
+    assert _tags(client, queue) == [tags[0], tags[3]]
+    assert _tags(client, aside_list(queue, "o")) == ["early-o", tags[1], tags[2]]
+    _clean(client, queue)
 
 
 def test_a_parking_key_is_taken_outside_the_window_while_its_room_lasts(client: redis.Redis) -> None:
     queue, tags = _queue(client, ["h"] * 6 + ["o", "h", "p"])
     taken = _fetch(client, queue, free=1, share=2, counts={"h": 2}, parking={"room": 4, "keys": ["h"]})
-    # Four h without a window place, then h is crowded and looked past; o takes the one free place,
+    # Four h without a window place, then h is crowded and set aside; o takes the one free place,
     # and p finds none.
     assert taken == [tags[0], tags[1], tags[2], tags[3], tags[6]]
-    assert len(client.lrange(queue, 0, -1)) == 4
-    client.delete(queue)
+    assert _tags(client, queue) == [tags[7], tags[8]]
+    assert _tags(client, aside_list(queue, "h")) == [tags[4], tags[5]]
+    # While h parks with room, its messages set aside are taken first, outside the window.
+    taken = _fetch(client, queue, free=0, share=2, counts={"h": 2}, parking={"room": 2, "keys": ["h"]})
+    assert taken == [tags[4], tags[5]]
+    _clean(client, queue)
 
 
 def test_with_no_free_place_only_a_parking_key_is_taken(client: redis.Redis) -> None:
@@ -105,3 +141,49 @@ def test_messages_waiting_to_be_parked_do_not_count_against_the_prefetch_limit()
     qos.forget_queue("q")  # a new tenure: what the channel held of the queue went back to it
     assert qos.in_window["q"] == 0 and qos.can_consume()
     assert qos._held == {} and qos._parking == {} and qos._placed == {}
+
+
+def test_a_message_put_back_goes_before_its_keys_messages_set_aside(redis_broker: str, client: redis.Redis) -> None:
+    """A takeover or a requeue in place puts a message back before the later ones of its key."""
+    from kombu import Connection
+
+    queue, tags = _queue(client, ["o"])
+    client.lpush(aside_list(queue, "h"), json.dumps({"body": "", "headers": {"ordered_key": "h"}, "properties": {
+        "delivery_tag": "later-h", "delivery_info": {"exchange": "", "routing_key": queue}}}))
+    client.sadd(aside_index(queue), "h")
+    unacked, index = f"{queue}.unacked", f"{queue}.index"
+    options = {"unacked_key": unacked, "unacked_index_key": index}
+    with Connection(redis_broker, transport="ordered_tasks.worker.transport.transport:RedisTransport",
+                    transport_options=options) as conn:
+        channel = conn.default_channel
+        channel.fetch_reliably(16)
+        for tag, key in (("early-h", "h"), ("early-k", "k")):
+            message = {"body": "", "headers": {"ordered_key": key},
+                       "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+            client.hset(unacked, tag, json.dumps([message, "", queue]))
+            client.zadd(index, {tag: 1.0})
+            channel.qos.restore_by_tag(tag, leftmost=False)
+    assert _tags(client, aside_list(queue, "h")) == ["early-h", "later-h"]
+    assert _tags(client, queue) == ["early-k", tags[0]]  # k has nothing set aside: the queue's head
+    assert json.loads(client.lindex(queue, -1))["headers"]["redelivered"] is True
+    assert client.hlen(unacked) == 0 and client.zcard(index) == 0
+    _clean(client, queue)
+
+
+def test_the_queue_figures_count_the_messages_set_aside(redis_broker: str, client: redis.Redis) -> None:
+    import time
+
+    from ordered_tasks.brokerstats import queue_figures
+    from ordered_tasks.options import PUBLISHED_HEADER
+
+    prefix = f"test.figures.{uuid.uuid4().hex}"
+    queue = f"{prefix}.0"
+    now = time.time()
+    client.lpush(queue, json.dumps({"headers": {PUBLISHED_HEADER: now - 5}}))
+    for age in (100, 90):  # the key's older messages wait aside, its head the oldest
+        client.lpush(aside_list(queue, "h"), json.dumps({"headers": {PUBLISHED_HEADER: now - age}}))
+    client.sadd(aside_index(queue), "h")
+    figures = queue_figures(redis_broker, prefix, 2)
+    assert figures[0].depth == 3 and figures[0].oldest_age is not None and figures[0].oldest_age >= 100
+    assert figures[1].depth == 0 and figures[1].oldest_age is None
+    _clean(client, queue)

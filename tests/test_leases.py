@@ -339,7 +339,7 @@ def _publish_keyed(channel: Any, queue: Queue, *items: tuple[str, str | None]) -
                          serializer="json", headers={"ordered_key": key} if key is not None else {})
 
 
-def test_the_fetch_looks_past_a_crowded_key_and_leaves_its_messages_in_place(channel: Any) -> None:
+def test_the_fetch_sets_a_crowded_key_aside_and_takes_it_from_there_in_order(channel: Any) -> None:
     """A key with half of the window in the worker does not hold back the partition's other keys."""
     name, queue, lanes = _crowded_partition(channel, 3, ("h1", "hot"), ("h2", "hot"), ("o1", "other"),
                                             ("h3", "hot"), ("o2", "other"))
@@ -347,14 +347,15 @@ def test_the_fetch_looks_past_a_crowded_key_and_leaves_its_messages_in_place(cha
     try:
         consumer.consume()
         drain()
-        assert [m.payload for m in held] == ["o1", "o2"]  # the hot key's messages were looked past
-        assert _remaining(channel, name) == ["h1", "h2", "h3"]  # in place, in order
+        assert [m.payload for m in held] == ["o1", "o2"]  # past the hot key's messages
+        assert _remaining(channel, name) == []
+        assert _set_aside(channel, name, "hot") == ["h1", "h2", "h3"]  # in the key's list, in order
         lanes.settled("held-0")  # a place of the hot key's share is free again
         drain()
         assert [m.payload for m in held][2:3] == ["h1"]  # its next message is its first
     finally:
         consumer.cancel()
-        channel.queue_purge(name)
+        _purge_with_aside(channel, name)
 
 
 def test_the_fetch_never_looks_past_a_message_whose_key_it_cannot_read(channel: Any) -> None:
@@ -365,22 +366,23 @@ def test_the_fetch_never_looks_past_a_message_whose_key_it_cannot_read(channel: 
         consumer.consume()
         drain()
         assert held == []
-        assert _remaining(channel, name) == ["h1", "raw", "o1"]
+        assert _set_aside(channel, name, "hot") == ["h1"]
+        assert _remaining(channel, name) == ["raw", "o1"]  # nothing behind it, while h1 waits aside
     finally:
         consumer.cancel()
-        channel.queue_purge(name)
+        _purge_with_aside(channel, name)
 
 
 def test_one_fetch_takes_no_more_of_a_key_than_its_share_of_the_window(channel: Any) -> None:
     """Counting what one call takes: a key at the head of a backlog does not fill the window."""
     from ordered_tasks.conf import get_settings
-    from ordered_tasks.worker.sequencing.window import key_limit
+    from ordered_tasks.worker.sequencing.window import fetch_share
 
     channel.fetch_reliably(16)
     name = f"{get_settings().queue_prefix}.5"
     queue = _queue(name)
     channel.queue_purge(name)
-    share = key_limit(16) + 1  # a running one and its share waiting
+    share = fetch_share(16)  # running and waiting
     _publish_keyed(channel, queue, *[(f"k{n}", "hot") for n in range(20)],
                    *[(f"o{n}", f"other{n}") for n in range(5)])
     consumer, held, _drain = holding_consumer(channel, [queue])
@@ -389,10 +391,10 @@ def test_one_fetch_takes_no_more_of_a_key_than_its_share_of_the_window(channel: 
         channel.connection.cycle.on_poll_start()
         assert channel._brpop_read()
         assert [m.payload for m in held] == [f"k{n}" for n in range(share)] + [f"o{n}" for n in range(5)]
-        assert _remaining(channel, name) == [f"k{n}" for n in range(share, 20)]  # in place, in order
+        assert _set_aside(channel, name, "hot") == [f"k{n}" for n in range(share, 20)]  # in order
     finally:
         consumer.cancel()
-        channel.queue_purge(name)
+        _purge_with_aside(channel, name)
 
 
 def test_a_batch_fetched_for_a_consumer_cancelled_meanwhile_comes_back_in_its_order(channel: Any) -> None:
@@ -463,7 +465,7 @@ def test_an_acknowledgement_in_a_pool_thread_that_frees_a_full_window_wakes_the_
 def _crowded_partition(channel: Any, partition: int, *items: tuple[str, str | None]) -> tuple[str, Queue, Any]:
     """A partition queue holding ``items``, on a channel whose window (16) has the key "hot" crowded."""
     from ordered_tasks.conf import get_settings
-    from ordered_tasks.worker.sequencing.window import key_limit
+    from ordered_tasks.worker.sequencing.window import fetch_share
 
     channel.fetch_reliably(16)
     name = f"{get_settings().queue_prefix}.{partition}"
@@ -471,9 +473,25 @@ def _crowded_partition(channel: Any, partition: int, *items: tuple[str, str | No
     channel.queue_purge(name)
     _publish_keyed(channel, queue, *items)
     lanes = channel.lanes
-    for n in range(key_limit(16) + 1):  # the hot key runs one and its share of the window waits
+    for n in range(fetch_share(16)):  # the hot key has its share of the window: one runs, the rest wait
         lanes.admit(f"held-{n}", partition, "hot", lambda: None)
     return name, queue, lanes
+
+
+def _set_aside(channel: Any, name: str, key: str) -> list[str]:
+    """The bodies of the messages of ``key`` the fetch set aside from queue ``name``, oldest first."""
+    from ordered_tasks.redisscripts import aside_list
+
+    return _remaining(channel, aside_list(name, key))
+
+
+def _purge_with_aside(channel: Any, name: str) -> None:
+    from ordered_tasks.redisscripts import aside_index, aside_list
+
+    channel.queue_purge(name)
+    raw = redis.Redis(connection_pool=channel.pool)
+    keys = [k.decode() for k in raw.smembers(aside_index(name))]
+    raw.delete(aside_index(name), *(aside_list(name, k) for k in keys))
 
 
 def _remaining(channel: Any, name: str) -> list[str]:

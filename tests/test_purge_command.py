@@ -19,6 +19,7 @@ from ordered_tasks.messages import publish_control
 from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage
 from ordered_tasks.purge import _Store
 from ordered_tasks.queues import partition_queue
+from ordered_tasks.redisscripts import aside_index, aside_list
 from ordered_tasks.states import ControlAction
 from tests.conftest import eventually, queue_depths
 from tests.support.workload import T, parked, publish, ran, same_partition_keys, status
@@ -179,6 +180,30 @@ def test_redis_messages_a_dead_owner_left_unacknowledged_come_first(
         ledger.delete(f"ordered_tasks:completed:{name}")
     assert "4 parked" in out and "1 already kept or completed" in out
     assert seqs(key) == [2, 3, 4, 5]
+    assert queue_depths(app)[name] == 0
+
+
+def test_redis_messages_set_aside_for_a_busy_key_are_purged_in_their_order(
+        app: Celery, broker: str, run: str) -> None:
+    if not broker.startswith("redis"):
+        pytest.skip("only the Redis fetch sets messages aside")
+    key, other = same_partition_keys(2)
+    name = queue_of(key)
+    publish(app, "strict_step", run, *[(key, seq) for seq in range(1, 6)], (other, 1))
+    wait_queued(app, {name: 6})
+    client = redis.Redis.from_url(broker)
+    with Connection(broker) as conn:  # a worker took the first, set the next two aside, and died
+        channel = conn.channel()
+        channel.basic_get(name, no_ack=False)
+        channel.do_restore = False
+    for _ in range(2):
+        client.lpush(aside_list(name, key), client.rpop(name))
+    client.sadd(aside_index(name), key)
+    assert queue_depths(app)[name] == 6
+    out = purge(partition_for(key))
+    assert "6 parked" in out
+    assert seqs(key) == [1, 2, 3, 4, 5] and seqs(other) == [1]
+    assert not client.exists(aside_list(name, key), aside_index(name))
     assert queue_depths(app)[name] == 0
 
 

@@ -79,9 +79,11 @@ GAUGES: dict[str, str] = {
     "ordered_tasks_last_progress_timestamp_seconds": (
         "Unix time at which a task of the partition last started or ended in this worker."),
     "ordered_tasks_last_wait_seconds": "Seconds the last task started waited between publish and start.",
-    "ordered_tasks_queue_messages": "Messages waiting in the partition's queue.",
+    "ordered_tasks_queue_messages": (
+        "Messages waiting in the partition's queue (Redis: with those set aside for busy keys)."),
     "ordered_tasks_queue_oldest_message_age_seconds": (
-        "Seconds the message at the head of the partition's queue has waited (Redis only; 0 if empty)."),
+        "Seconds the oldest message at the head of the partition's queue, or of a busy key's messages "
+        "set aside, has waited (Redis only; 0 if empty)."),
     "ordered_tasks_keys_blocked": "Keys of the partition blocked by a failure.",
     "ordered_tasks_keys_retrying": "Keys of the partition waiting for an in-place retry or a replay.",
     "ordered_tasks_blocked_key_max_age_seconds": (

@@ -29,11 +29,24 @@ def key_limit(window: int) -> int:
 
     The other half stays open to the partition's other keys, so that a hot
     key does not hold them back: a key with this many waiting has them
-    parked in one batch (see :func:`spill_at`), and on Redis the fetch
-    looks past the messages of a key that has this many waiting and one
-    running (see :mod:`..transport.fetch`).
+    parked in one batch (see :func:`spill_at`). On Redis a key never gets
+    there: the fetch sets its later messages aside in Redis (see
+    :func:`fetch_share`).
     """
     return max(1, window // 2)
+
+
+def fetch_share(window: int) -> int:
+    """Messages one key may have in a partition's window on Redis, running and waiting: :func:`key_limit`.
+
+    The fetch moves a key's later messages to the key's own list in Redis
+    while it has this many in the window, and takes them from there in
+    their order once it has room (see :mod:`..transport.fetch`). One fewer
+    than what makes a key spill, so that a key that is only busy (a hot
+    account) never goes through the database: its backlog stays in the
+    broker, and its partition's other keys behind it are fetched.
+    """
+    return key_limit(window)
 
 
 #: A key's waiting messages are spilled only in batches of at least this many: below, a

@@ -14,13 +14,14 @@ from uuid import uuid4
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from ...conf import get_settings
-from ...redisscripts import RECORD_POPPED
+from ...options import KEY_HEADER
+from ...redisscripts import ASIDE_PREFIX, PUT_BACK, RECORD_POPPED, aside_list
 from ..health import metrics
 from ..sequencing.lanes import Lanes
-from ..sequencing.window import key_limit, new_lanes, parking_room
+from ..sequencing.window import fetch_share, new_lanes, parking_room
 from ..unanswered import Unanswered
 from .qos import HeadQoS
 
@@ -48,22 +49,26 @@ DELIVERY_STEP = 1e-6
 #: and record each as unacknowledged, in one step. KEYS: the queues, then kombu's unacked
 #: hash and unacked index. ARGV: the time of delivery of the first message (each next one
 #: DELIVERY_STEP later), a delivery tag base for a message that has none, the most messages
-#: to take, the most messages one key may have in the window (its share and a running one),
-#: then each queue's name (as in KEYS, without prefix and priority suffix), then for each
-#: queue a JSON object of the keys it has in the window with their number of messages there
-#: ('' for none), then each queue's free places, then for each queue its parking room as a
-#: JSON object ``{"room": n, "keys": [...]}`` ('' for none; priority lists of one queue
-#: share places, key counts and room). Returns the queue name, delivery tag and message of
-#: each message taken, in the order taken, or false.
+#: to take, the most messages one key may have in the window (running and waiting), then
+#: each queue's name (as in KEYS, without prefix and priority suffix), then for each queue a
+#: JSON object of the keys it has in the window with their number of messages there ('' for
+#: none), then each queue's free places, then for each queue its parking room as a JSON
+#: object ``{"room": n, "keys": [...]}`` ('' for none; priority lists of one queue share
+#: places, key counts and room), then the prefix of the names of the lists set aside (see
+#: :func:`aside_keys`). Returns the queue name, delivery tag and message of each message
+#: taken, in the order taken, or false.
 #:
-#: Each queue is read once from its head, LOOK_AHEAD messages at most. A message whose key
-#: (its ``ordered_key`` header, a string) has its share in the window, counting the messages
-#: taken in this call, is looked past and stays in place, so each key's messages still come
-#: in their order and no key takes more than its share. A message of a parking key (held:
-#: the worker parks its messages as they come) is taken while there is parking room, without
-#: a place in the window. A message whose key cannot be read ends the look once something
-#: was looked past (it may belong to such a key); before that, it is at the head, and is
-#: taken if there is a free place.
+#: A key's messages set aside come first: each queue's set-aside keys are served from the
+#: head of their lists while they have room in the window. Then each queue is read once
+#: from its head, LOOK_AHEAD messages at most. A message whose key (its ``ordered_key``
+#: header, a string) has its share in the window, counting the messages taken in this
+#: call, or has messages set aside, is set aside: moved to the tail of its key's list, so
+#: that the partition's other keys behind it are reached and the key's messages keep their
+#: order. A message of a parking key (held: the worker parks its messages as they come) is
+#: taken while there is parking room, without a place in the window. With the window full,
+#: the others are looked past and stay in place. A message whose key cannot be read ends
+#: the look once something was looked past, or while the queue has messages set aside (it
+#: may belong to such a key); else it is taken if there is a free place.
 #:
 #: Each message is recorded by :data:`~ordered_tasks.redisscripts.RECORD_POPPED`, which
 #: wraps an item that is not a kombu message of the queue for the worker to park.
@@ -72,7 +77,8 @@ local count = (#KEYS - 2)
 local at = tonumber(ARGV[1])
 local most = tonumber(ARGV[3])
 local share = tonumber(ARGV[4])
-local free, held, room, parking = {}, {}, {}, {}
+local aside_prefix = ARGV[5 + 4 * count]
+local free, held, room, parking, aside = {}, {}, {}, {}, {}
 for i = 1, count do
   local queue = ARGV[4 + i]
   free[queue] = tonumber(ARGV[4 + 2 * count + i]) or 0
@@ -88,46 +94,92 @@ for i = 1, count do
 end
 local taken = {}
 local n = 0
+local function take(queue, item, message, key, outside)
+  n = n + 1
+  if outside then
+    room[queue] = room[queue] - 1
+  else
+    if key ~= nil then held[queue][key] = (held[queue][key] or 0) + 1 end
+    free[queue] = free[queue] - 1
+  end
+  local tag
+  tag, item = record(item, message, queue, ARGV[2] .. '-' .. n, KEYS[count + 1], KEYS[count + 2],
+                     string.format('%.6f', at + (n - 1) * DELIVERY_STEP))
+  taken[#taken + 1] = queue
+  taken[#taken + 1] = tag
+  taken[#taken + 1] = item
+end
+local function decoded(item)
+  local ok, message = pcall(cjson.decode, item)
+  if not ok or type(message) ~= 'table' then return nil, nil end
+  local headers = message['headers']
+  local key = type(headers) == 'table' and headers['ordered_key'] or nil
+  if type(key) ~= 'string' then key = nil end
+  return message, key
+end
+for i = 1, count do
+  local queue = ARGV[4 + i]
+  if aside[queue] == nil then
+    -- The messages set aside are the earliest of their keys that wait: they go first.
+    aside[queue] = {}
+    local index = aside_prefix .. queue
+    for _, key in ipairs(redis.call('SMEMBERS', index)) do
+      local list = index .. ':' .. key
+      while n < most do
+        local outside = parking[queue][key] and room[queue] > 0
+        if not outside and (free[queue] <= 0 or (held[queue][key] or 0) >= share) then break end
+        local item = redis.call('RPOP', list)
+        if not item then break end
+        local message = decoded(item)
+        take(queue, item, message, key, outside)
+      end
+      if redis.call('EXISTS', list) == 1 then
+        aside[queue][key] = true
+      else
+        redis.call('SREM', index, key)
+      end
+    end
+  end
+end
 for i = 1, count do
   local queue = ARGV[4 + i]
   if n >= most then break end
   if free[queue] > 0 or room[queue] > 0 then
     local in_window = held[queue]
     local parks = parking[queue]
+    local set_aside = aside[queue]
     local items = redis.call('LRANGE', KEYS[i], -LOOK_AHEAD, -1)
-    local passed = false
+    local passed, passed_keys = false, {}
     for j = #items, 1, -1 do
       if n >= most or (free[queue] <= 0 and room[queue] <= 0) then break end
       local item = items[j]
-      local ok, message = pcall(cjson.decode, item)
-      if not ok or type(message) ~= 'table' then message = nil end
-      local headers = message and message['headers']
-      local key = type(headers) == 'table' and headers['ordered_key'] or nil
-      if type(key) ~= 'string' then key = nil end
-      local take, outside = true, false
+      local message, key = decoded(item)
+      local action = 'take'
       if key == nil then
-        if passed or free[queue] <= 0 then break end
+        if passed or free[queue] <= 0 or next(set_aside) ~= nil then break end
+      elseif passed_keys[key] then
+        action = 'pass'
+      elseif set_aside[key] then
+        action = 'aside'
       elseif parks[key] and room[queue] > 0 then
-        outside = true
-      elseif free[queue] <= 0 or (in_window[key] or 0) >= share then
-        take = false
+        action = 'outside'
+      elseif free[queue] <= 0 then
+        action = 'pass'
         passed = true
+        passed_keys[key] = true
+      elseif (in_window[key] or 0) >= share then
+        action = 'aside'
       end
-      if take then
+      if action ~= 'pass' then
         if passed then redis.call('LREM', KEYS[i], -1, item) else redis.call('RPOP', KEYS[i]) end
-        n = n + 1
-        if outside then
-          room[queue] = room[queue] - 1
+        if action == 'aside' then
+          local index = aside_prefix .. queue
+          redis.call('LPUSH', index .. ':' .. key, item)
+          redis.call('SADD', index, key)
+          set_aside[key] = true
         else
-          if key ~= nil then in_window[key] = (in_window[key] or 0) + 1 end
-          free[queue] = free[queue] - 1
+          take(queue, item, message, key, action == 'outside')
         end
-        local tag
-        tag, item = record(item, message, queue, ARGV[2] .. '-' .. n, KEYS[count + 1], KEYS[count + 2],
-                           string.format('%.6f', at + (n - 1) * DELIVERY_STEP))
-        taken[#taken + 1] = queue
-        taken[#taken + 1] = tag
-        taken[#taken + 1] = item
       end
     end
   end
@@ -225,12 +277,38 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         self._fetched_at = max(time(), self._fetched_at + FETCH_BATCH * DELIVERY_STEP)
         free = [str(window - in_window[name]) for name in names]
         arguments = (len(keys), *keys, f"{self._fetched_at:.6f}", uuid4().hex, FETCH_BATCH,
-                     key_limit(window) + 1, *names, *self._in_window(names), *free, *self._rooms(names))
+                     fetch_share(window), *names, *self._in_window(names), *free, *self._rooms(names),
+                     prefix + ASIDE_PREFIX)
         if self._script_on is connection:
             connection.send_command("EVALSHA", _FETCH_SHA, *arguments)
         else:  # Redis caches the script as it runs it
             connection.send_command("EVAL", _FETCH, *arguments)
             self._script_on = connection
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
+                            leftmost: bool = False) -> None:
+        """Put a message back at the head of its queue, or of its key's messages set aside if it has some.
+
+        Those are all later than it (the fetch sets aside only a key's
+        earliest messages left in the queue), so it goes before them, or a
+        later message of its key would run first. Runs in kombu's restore
+        transaction, which this script keeps atomic.
+        """
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        key = headers.get(KEY_HEADER) if isinstance(headers, dict) else None
+        if not self.fetches_reliably or leftmost or not isinstance(key, str):
+            return super()._do_restore_message(  # type: ignore[no-any-return,misc]
+                payload, exchange, routing_key, pipe, leftmost)
+        channel: Any = self
+        with contextlib.suppress(KeyError, TypeError):
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+        prefix = channel.global_keyprefix or ""
+        for queue in channel._lookup(exchange, routing_key):
+            target = channel._q_for_pri(queue, channel._get_message_priority(payload, reverse=False))
+            pipe.execute_command("EVAL", PUT_BACK, 2, prefix + aside_list(queue, key), prefix + target,
+                                 dumps(payload))
+        return None
 
     def _partition_of(self, name: str) -> int | None:
         partition = self._partitions.get(name, -1)
