@@ -79,3 +79,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return redis.call('RPUSH', KEYS[2], ARGV[1])
 """
+
+#: Move a delivered message behind its key's messages set aside, if the key has some: KEYS[1]
+#: kombu's unacked hash, KEYS[2] its index, KEYS[3] the key's list, KEYS[4] the queue's set of
+#: keys with messages set aside; ARGV[1] the delivery tag, ARGV[2] the message, ARGV[3] the key.
+#: Returns 1 if it was moved (its unacknowledged record is gone), else 0.
+JOIN_ASIDE = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+"""

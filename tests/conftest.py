@@ -234,9 +234,15 @@ def start_workers(app: Celery, broker: str, shared_db: None) -> Iterator[Any]:
         return workers
 
     yield start
+    for workers in started:  # all stop at once
+        if workers.process.poll() is None:
+            workers.process.send_signal(signal.SIGTERM)
     for workers in started:
+        began = time.monotonic()
         with contextlib.suppress(Exception):
             workers.stop()
+        if time.monotonic() - began > 20:
+            print(f"stopping launcher {workers.process.pid} took {time.monotonic() - began:.0f} s", flush=True)
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:

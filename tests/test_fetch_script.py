@@ -107,14 +107,32 @@ def test_with_no_free_place_only_a_parking_key_is_taken(client: redis.Redis) -> 
     client.delete(queue)
 
 
-def test_a_message_without_a_key_stops_the_look_once_something_was_passed(client: redis.Redis) -> None:
-    queue, _tags = _queue(client, ["h", "?", "o"])
-    unkeyed = json.loads(client.lindex(queue, 1))
+def _unkeyed(client: redis.Redis, queue: str, index: int) -> None:
+    """Drop the ``ordered_key`` header of the message at ``index`` (0: the tail) of ``queue``."""
+    unkeyed = json.loads(client.lindex(queue, index))
     del unkeyed["headers"]["ordered_key"]
-    client.lset(queue, 1, json.dumps(unkeyed))
-    taken = _fetch(client, queue, free=3, share=1, counts={"h": 1})
-    assert taken == []  # h is crowded; the message after it may be h's: nothing further is taken
-    client.delete(queue)
+    client.lset(queue, index, json.dumps(unkeyed))
+
+
+def test_a_message_without_a_key_stops_the_look_once_something_was_passed(client: redis.Redis) -> None:
+    queue, tags = _queue(client, ["o", "?", "p"])
+    _unkeyed(client, queue, 1)
+    taken = _fetch(client, queue, free=0, share=2, counts={}, parking={"room": 4, "keys": ["p"]})
+    assert taken == []  # o is looked past; the message after it may be o's: nothing further is taken
+    assert _tags(client, queue) == tags
+    _clean(client, queue)
+
+
+def test_nothing_is_set_aside_after_a_message_without_a_key(client: redis.Redis) -> None:
+    queue, tags = _queue(client, ["h", "?", "o", "h", "p"])
+    _unkeyed(client, queue, 3)
+    taken = _fetch(client, queue, free=8, share=1, counts={"h": 1})
+    # h is set aside before it; it is taken (the worker puts it behind h's list if it is h's), and
+    # the look ends at the next h, which might otherwise go aside ahead of it.
+    assert taken == [tags[1], tags[2]]
+    assert _tags(client, aside_list(queue, "h")) == [tags[0]]
+    assert _tags(client, queue) == [tags[3], tags[4]]
+    _clean(client, queue)
 
 
 class _Message:
@@ -155,8 +173,7 @@ def test_a_message_put_back_goes_before_its_keys_messages_set_aside(redis_broker
     options = {"unacked_key": unacked, "unacked_index_key": index}
     with Connection(redis_broker, transport="ordered_tasks.worker.transport.transport:RedisTransport",
                     transport_options=options) as conn:
-        channel = conn.default_channel
-        channel.fetch_reliably(16)
+        channel = conn.default_channel  # a takeover restores before the channel fetches
         for tag, key in (("early-h", "h"), ("early-k", "k")):
             message = {"body": "", "headers": {"ordered_key": key},
                        "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
@@ -186,4 +203,47 @@ def test_the_queue_figures_count_the_messages_set_aside(redis_broker: str, clien
     figures = queue_figures(redis_broker, prefix, 2)
     assert figures[0].depth == 3 and figures[0].oldest_age is not None and figures[0].oldest_age >= 100
     assert figures[1].depth == 0 and figures[1].oldest_age is None
+    _clean(client, queue)
+
+
+def test_a_message_without_a_key_header_goes_behind_its_keys_messages_set_aside(
+        redis_broker: str, client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker reads its key from its arguments; the fetch may have taken it past older ones."""
+    from kombu import Connection
+
+    queue = _queue(client, [])[0]
+    client.lpush(aside_list(queue, "h"), json.dumps({"body": "", "headers": {"ordered_key": "h"}, "properties": {
+        "delivery_tag": "older-h", "delivery_info": {"exchange": "", "routing_key": queue}}}))
+    client.sadd(aside_index(queue), "h")
+    unacked, index = f"{queue}.unacked", f"{queue}.index"
+    with Connection(redis_broker, transport="ordered_tasks.worker.transport.transport:RedisTransport",
+                    transport_options={"unacked_key": unacked, "unacked_index_key": index}) as conn:
+        channel = conn.default_channel
+        channel.fetch_reliably(16)
+        delivered = {}
+        for tag in ("foreign-h", "foreign-k"):
+            payload = {"body": "", "headers": {}, "properties": {
+                "delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+            client.hset(unacked, tag, json.dumps([payload, "", queue]))
+            client.zadd(index, {tag: 1.0})
+            delivered[tag] = channel.Message(payload, channel=channel)
+            channel.qos.append(delivered[tag], tag)
+        assert channel.join_set_aside(delivered["foreign-k"], "k") is False  # k has nothing aside
+        assert client.hexists(unacked, "foreign-k") and channel.qos.in_window[queue] == 2
+
+        def unanswered(*_args: object, **_kwargs: object) -> None:
+            raise redis.ConnectionError("Redis went away")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(channel, "conn_or_acquire", unanswered)
+            assert channel.join_set_aside(delivered["foreign-h"], "h") is None
+        assert queue in channel._paused  # nothing of the queue is fetched, nor set aside, meanwhile
+        assert channel.join_set_aside(delivered["foreign-h"], "h") is True
+        assert queue not in channel._paused
+    assert _tags(client, aside_list(queue, "h")) == ["older-h", "foreign-h"]
+    # With its key as its header: when it comes back from the list, it is not moved again.
+    assert json.loads(client.lindex(aside_list(queue, "h"), 0))["headers"]["ordered_key"] == "h"
+    assert not client.hexists(unacked, "foreign-h") and client.zscore(index, "foreign-h") is None
+    assert channel.qos.in_window[queue] == 1  # it left the window
+    client.delete(unacked, index)
     _clean(client, queue)

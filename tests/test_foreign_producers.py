@@ -216,6 +216,24 @@ def test_messages_from_the_node_example_producer_run_in_order_with_python_ones(
     assert not ParkedMessage.objects.filter(key__in=keys).exists()
 
 
+def test_messages_without_the_key_header_keep_their_place_behind_a_hot_keys_messages(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    """On Redis the fetch sets a busy key's messages aside; one without the header, whose key only
+    the worker reads, goes behind them instead of overtaking them."""
+    key, total = f"hot-{run[:6]}", 60
+    task = app.tasks[T + "ordered_record"]
+    for seq in range(1, total + 1):
+        kwargs = {"run": run, "key": key, "seq": seq, "sleep": 0.02}
+        if seq % 5 == 0:
+            raw_publish(app, T + "ordered_record", kwargs, queue_of=key, headers={})
+        else:
+            task.apply_async(kwargs=kwargs)
+    start_workers(1, "--pool", "threads", "--concurrency", "8")
+    assert wait_done(results, run, total, timeout=60) == total
+    assert ran(results, run, key) == list(range(1, total + 1))
+    assert not ParkedMessage.objects.filter(key=key).exists()
+
+
 def test_a_partition_queue_declared_without_single_active_consumer_is_reported_and_the_rest_served(
         app: Celery, broker: str, start_workers: Any, results: redis.Redis, run: str,
         capfd: pytest.CaptureFixture[str]) -> None:

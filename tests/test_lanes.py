@@ -6,7 +6,7 @@ import json
 import random
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 from kombu.asynchronous import Hub
@@ -503,3 +503,38 @@ def test_the_parking_room_counts_every_waiting_message_and_is_closed_behind_a_ba
     assert rec.lanes.parking(0) == (8, ["a"])  # both count against the room
     rec.admit("x", None)  # a message whose key is unknown: nothing is parked behind it
     assert rec.lanes.parking(0) == (0, [])
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.due: list[Any] = []
+
+    def call_after(self, _seconds: float, fn: Any, *_args: Any, **_kwargs: Any) -> None:
+        self.due.append(fn)
+
+
+@pytest.mark.parametrize("answer", [False, True])
+def test_a_message_whose_join_redis_did_not_answer_holds_its_key_until_it_answers(answer: bool) -> None:
+    """A message without a key header: whether it goes behind its key's messages set aside is asked
+    again before it starts; meanwhile its key's later messages wait behind it."""
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.sequencing.window import _joining_first
+
+    lanes, started, answers = Lanes(), [], [None, answer]
+    consumer = SimpleNamespace(timer=_Timer())
+    message = SimpleNamespace(delivery_tag="foreign")
+    first = _joining_first(consumer, lanes, message, "k", lambda _m, _k: answers.pop(0),
+                           lambda: started.append("foreign"))
+    lanes.admit("foreign", 0, "k", first)
+    lanes.admit("later", 0, "k", lambda: started.append("later"))
+    assert started == [] and len(consumer.timer.due) == 1  # asked once, no answer: it waits
+    consumer.timer.due.pop()()
+    if answer:  # it went behind its key's messages set aside: the key's next message goes on
+        assert started == ["later"]
+    else:
+        assert started == ["foreign"]
+        first()  # run again (a hand-back in place): no second question
+        assert started == ["foreign", "foreign"] and answers == []
+        lanes.settled("foreign")
+        assert started == ["foreign", "foreign", "later"]

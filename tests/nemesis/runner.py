@@ -218,7 +218,9 @@ class Driver:
             "lang": "py", "task": STEP, "id": task_id, "shadow": None, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
             "root_id": task_id, "parent_id": None, "argsrepr": "()", "kwargsrepr": repr(kwargs),
-            "origin": "nemesis-raw-producer", "ignore_result": True, "ordered_key": op.key}
+            "origin": "nemesis-raw-producer", "ignore_result": True}
+        if op.key_header:
+            headers["ordered_key"] = op.key
         if op.partition_header:
             headers["ordered_partition"] = partition
         body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])

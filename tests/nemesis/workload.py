@@ -37,6 +37,9 @@ class WorkloadConfig:
     raw: bool = True
     #: Raw messages without the ``ordered_partition`` header (only ``ordered_key``).
     raw_without_partition: bool = False
+    #: Raw messages with neither header: the worker reads the key from the arguments (on Redis,
+    #: such a message of a hot key goes behind the key's messages set aside).
+    raw_without_key: bool = True
     #: Rare tasks that run longer than 25 s.
     long_tasks: bool = False
 
@@ -58,6 +61,7 @@ class Publish:
     poison: bool = False
     links: int = 1
     partition_header: bool = True
+    key_header: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ def _message(rng: random.Random, config: WorkloadConfig, key: str, seq: int) -> 
         return Publish(key, seq, kind="chain", sleep=min(sleep, 0.2), links=rng.randint(2, 4))
     if config.raw and roll < 0.22:
         header = not (config.raw_without_partition and rng.random() < 0.3)
+        if config.raw_without_key and rng.random() < 0.3:
+            return Publish(key, seq, kind="raw", sleep=sleep, partition_header=False, key_header=False)
         return Publish(key, seq, kind="raw", sleep=sleep, partition_header=header)
     return Publish(key, seq, sleep=sleep)
 

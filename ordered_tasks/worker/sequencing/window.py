@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds before a message handed back in place runs again.
 RERUN_PAUSE = 0.5
+#: Seconds between two attempts to tell whether a message without a key header must wait behind
+#: its key's messages set aside (Redis did not answer).
+JOIN_RETRY = 1.0
 
 
 def key_limit(window: int) -> int:
@@ -208,7 +211,9 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
 
     A retry's wake-up waits for its time outside the lanes, so that its key's
     later messages are parked meanwhile instead of waiting in the window;
-    when it is due it joins its key's lane like any other message.
+    when it is due it joins its key's lane like any other message. A message
+    without a key header (another producer) whose key has messages set aside
+    in Redis goes behind them instead (see ``ReliableChannel.join_set_aside``).
     """
     lanes = lanes_of(message)
     if lanes is None:
@@ -223,9 +228,47 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
         consumer.timer.call_after(delay, lanes.admit, (tag, partition, key, start, message, True, False),
                                   priority=6)
         return True
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    if not control and key is not BARRIER and not isinstance(headers.get(KEY_HEADER), str):
+        join = getattr(getattr(message, "channel", None), "join_set_aside", None)
+        if join is not None:
+            joined = join(message, key)
+            if joined:
+                return True  # it waits in Redis behind its key's messages set aside
+            if joined is None:  # Redis did not answer: it takes its place, and asks again before it starts
+                start = _joining_first(consumer, lanes, message, key, join, start)
     lanes.admit(tag, partition, key, start, message, control=control,
                 spillable=not control and spillable(message, partition, key))
     return True
+
+
+def _joining_first(consumer: Any, lanes: Lanes, message: Any, key: str,
+                   join: Callable[[Any, str], bool | None], start: Callable[[], Any]) -> Callable[[], Any]:
+    """``start``, once Redis told whether the message must go behind its key's messages set aside.
+
+    Until then its queue is not fetched (see ``ReliableChannel.join_set_aside``),
+    so nothing newer of its key is set aside meanwhile, and its place in its
+    key's lane holds back the key's later messages in the window. Asked
+    again every :data:`JOIN_RETRY` seconds; once answered, later calls start
+    it straight away (a hand-back in place runs it again).
+    """
+    answered = False
+
+    def first_join() -> Any:
+        nonlocal answered
+        if answered:
+            return start()
+        joined = join(message, key)
+        if joined is None:
+            consumer.timer.call_after(JOIN_RETRY, first_join, priority=6)
+            return None
+        answered = True
+        if joined:  # it left the window, unacknowledged by nobody: its key's next message goes on
+            lanes.settled(message.delivery_tag)
+            return None
+        return start()
+
+    return first_join
 
 
 def hand_back_in_place(consumer: Any, message: Any) -> bool:

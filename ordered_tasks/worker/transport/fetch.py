@@ -18,7 +18,7 @@ from kombu.utils.json import dumps, loads
 
 from ...conf import get_settings
 from ...options import KEY_HEADER
-from ...redisscripts import ASIDE_PREFIX, PUT_BACK, RECORD_POPPED, aside_list
+from ...redisscripts import ASIDE_PREFIX, JOIN_ASIDE, PUT_BACK, RECORD_POPPED, aside_index, aside_list
 from ..health import metrics
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import fetch_share, new_lanes, parking_room
@@ -67,8 +67,10 @@ DELIVERY_STEP = 1e-6
 #: order. A message of a parking key (held: the worker parks its messages as they come) is
 #: taken while there is parking room, without a place in the window. With the window full,
 #: the others are looked past and stay in place. A message whose key cannot be read ends
-#: the look once something was looked past, or while the queue has messages set aside (it
-#: may belong to such a key); else it is taken if there is a free place.
+#: the look once something was looked past (it may belong to such a key); else it is taken
+#: if there is a free place, and nothing after it is set aside in this call: the worker,
+#: which reads its key from its arguments, moves it behind its key's messages set aside, if
+#: any (:meth:`ReliableChannel.join_set_aside`), and those must all be older than it.
 #:
 #: Each message is recorded by :data:`~ordered_tasks.redisscripts.RECORD_POPPED`, which
 #: wraps an item that is not a kombu message of the queue for the worker to park.
@@ -149,14 +151,15 @@ for i = 1, count do
     local parks = parking[queue]
     local set_aside = aside[queue]
     local items = redis.call('LRANGE', KEYS[i], -LOOK_AHEAD, -1)
-    local passed, passed_keys = false, {}
+    local passed, passed_keys, unkeyed = false, {}, false
     for j = #items, 1, -1 do
       if n >= most or (free[queue] <= 0 and room[queue] <= 0) then break end
       local item = items[j]
       local message, key = decoded(item)
       local action = 'take'
       if key == nil then
-        if passed or free[queue] <= 0 or next(set_aside) ~= nil then break end
+        if passed or free[queue] <= 0 then break end
+        unkeyed = true
       elseif passed_keys[key] then
         action = 'pass'
       elseif set_aside[key] then
@@ -170,6 +173,9 @@ for i = 1, count do
       elseif (in_window[key] or 0) >= share then
         action = 'aside'
       end
+      -- Past a message of unknown key, nothing is set aside: it may be of that key, and the
+      -- worker puts it behind its key's messages set aside, all of which must be older.
+      if action == 'aside' and unkeyed then break end
       if action ~= 'pass' then
         if passed then redis.call('LREM', KEYS[i], -1, item) else redis.call('RPOP', KEYS[i]) end
         if action == 'aside' then
@@ -236,6 +242,8 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         self.fetches_reliably = True
         self.window = max(1, window)
         self._partitions = {}
+        #: Queues not fetched until a message of theirs is put behind its key's messages set aside.
+        self._paused: set[str] = set()
 
     @property
     def lanes(self) -> Lanes | None:
@@ -263,7 +271,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         channel: Any = self  # kombu is untyped
         in_window, window = channel.qos.in_window, self.window
         cycle = channel._queue_cycle.consume(len(channel.active_queues))
-        queues = [q for q in cycle if in_window[q] < window or self._parks(q)]
+        queues = [q for q in cycle if (in_window[q] < window or self._parks(q)) and q not in self._paused]
         if not queues:
             return
         prefix = channel.global_keyprefix or ""
@@ -296,7 +304,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         """
         headers = payload.get("headers") if isinstance(payload, dict) else None
         key = headers.get(KEY_HEADER) if isinstance(headers, dict) else None
-        if not self.fetches_reliably or leftmost or not isinstance(key, str):
+        if leftmost or not isinstance(key, str):
             return super()._do_restore_message(  # type: ignore[no-any-return,misc]
                 payload, exchange, routing_key, pipe, leftmost)
         channel: Any = self
@@ -309,6 +317,49 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
             pipe.execute_command("EVAL", PUT_BACK, 2, prefix + aside_list(queue, key), prefix + target,
                                  dumps(payload))
         return None
+
+    def join_set_aside(self, message: Any, key: str) -> bool | None:
+        """Move a delivered message behind its key's messages set aside, if the key has some.
+
+        For a message whose key the fetch could not read (no ``ordered_key``
+        header: another producer), which the worker reads from its
+        arguments: the fetch may have taken it past its key's messages set
+        aside, which are older (it sets nothing aside after such a message),
+        so it must wait behind them. Its unacknowledged record moves with it,
+        in one step, and it gets its key as its header.
+
+        Returns True when it moved (or its record is no longer this worker's:
+        a new tenure put it back), False when the key has nothing set aside
+        (the caller admits it), and None when Redis did not answer: the
+        message's queue is then not fetched until a later call answers, so
+        that nothing newer of its key is set aside before it.
+        """
+        channel: Any = self
+        queue = (message.delivery_info or {}).get("routing_key")
+        if not isinstance(queue, str):
+            return False
+        prefix = channel.global_keyprefix or ""
+        tag = message.delivery_tag
+        try:
+            with channel.conn_or_acquire() as client:
+                raw = client.hget(channel.unacked_key, tag)
+                moved = raw is None or client.execute_command(
+                    "EVAL", JOIN_ASIDE, 4, prefix + channel.unacked_key, prefix + channel.unacked_index_key,
+                    prefix + aside_list(queue, key), prefix + aside_index(queue), tag,
+                    dumps(_with_key(loads(bytes_to_str(raw))[0], key)), key)
+        except redis.RedisError as exc:
+            if queue not in self._paused:
+                logger.warning("Could not tell whether message %s must wait behind the messages of its "
+                               "key set aside (%r): queue %s is not fetched until Redis answers.",
+                               tag, exc, queue)
+            self._paused.add(queue)
+            return None
+        if queue in self._paused:
+            self._paused.discard(queue)
+            logger.warning("Redis answers again: queue %s is fetched again.", queue)
+        if moved:
+            channel.qos.moved_away(tag)
+        return bool(moved)
 
     def _partition_of(self, name: str) -> int | None:
         partition = self._partitions.get(name, -1)
@@ -451,6 +502,19 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
             reauthenticate = getattr(channel, "_flush_brpop_reauth", None)  # kombu 5.7
             if reauthenticate is not None:
                 reauthenticate()
+
+
+def _with_key(payload: Any, key: str) -> Any:
+    """The message, with its key (read from its arguments) as its ``ordered_key`` header.
+
+    It goes behind its key's messages set aside; when it comes back from
+    there, the header tells the fetch and the worker its key, so it is not
+    moved again.
+    """
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    if isinstance(headers, dict):
+        headers[KEY_HEADER] = key
+    return payload
 
 
 def _message_of(item: str, tag: str, queue: str) -> dict[str, Any]:

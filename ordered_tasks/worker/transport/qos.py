@@ -106,6 +106,11 @@ class HeadQoS(kombu_redis.QoS):  # type: ignore[misc]
             self._forget(tag)
             self._delivered.pop(tag, None)  # type: ignore[union-attr]
 
+    def moved_away(self, delivery_tag: str) -> None:
+        """The message went back to Redis with its record (behind its key's messages set aside)."""
+        VirtualQoS.ack(self, delivery_tag)
+        self._forget(delivery_tag)
+
     def acknowledged(self, delivery_tag: str) -> None:
         """Redis took the acknowledgement: forget the message here."""
         VirtualQoS.ack(self, delivery_tag)
