@@ -82,13 +82,20 @@ return redis.call('RPUSH', KEYS[2], ARGV[1])
 
 #: Move a delivered message behind its key's messages set aside, if the key has some: KEYS[1]
 #: kombu's unacked hash, KEYS[2] its index, KEYS[3] the key's list, KEYS[4] the queue's set of
-#: keys with messages set aside; ARGV[1] the delivery tag, ARGV[2] the message, ARGV[3] the key.
-#: Returns 1 if it was moved (its unacknowledged record is gone), else 0.
+#: keys with messages set aside; ARGV[1] the delivery tag, ARGV[2] the message and ARGV[3] its
+#: unacknowledged record, both with the key as their ``ordered_key`` header, ARGV[4] the key.
+#: Returns :data:`JOINED_MOVED` (its record is gone), :data:`JOINED_STAYED` (its record now
+#: names its key), or :data:`JOINED_GONE` (it had no record: no longer the caller's).
 JOIN_ASIDE = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 2 end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[4])
 return 1
 """
+JOINED_STAYED, JOINED_MOVED, JOINED_GONE = 0, 1, 2

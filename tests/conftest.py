@@ -114,6 +114,13 @@ def purge_all(app: Celery) -> None:
             bound = queue(conn.default_channel)
             bound.declare()
             bound.purge()
+        if conn.transport.driver_type == "redis":  # what a worker set aside for busy keys too
+            from ordered_tasks.redisscripts import aside_index, aside_list
+
+            client = conn.default_channel.client
+            for queue in ordered_queues():
+                keys = [k.decode() if isinstance(k, bytes) else k for k in client.smembers(aside_index(queue.name))]
+                client.delete(aside_index(queue.name), *(aside_list(queue.name, k) for k in keys))
 
 
 def unacknowledged_queues(channel: Any) -> list[str]:

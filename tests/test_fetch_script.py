@@ -74,15 +74,31 @@ def test_a_crowded_key_is_set_aside_and_its_messages_stay_in_order(client: redis
     _clean(client, queue)
 
 
-def test_with_the_window_full_a_key_looked_past_is_not_set_aside_ahead_of_itself(client: redis.Redis) -> None:
+def test_with_the_window_full_what_is_looked_past_stays_in_place(client: redis.Redis) -> None:
     queue, tags = _queue(client, ["h", "o", "o", "h"])
     client.lpush(aside_list(queue, "o"), json.dumps({"body": "", "headers": {"ordered_key": "o"}, "properties": {
         "delivery_tag": "early-o", "delivery_info": {"exchange": "", "routing_key": queue}}}))
     client.sadd(aside_index(queue), "o")
-    # No free place: h is looked past and stays; parking key p has room, o is set aside behind its list.
+    # No free place: h is looked past (only parking key p may be taken), and so is everything after
+    # it, o's too: set aside, they would be served ahead of h.
     assert _fetch(client, queue, free=0, share=2, counts={"o": 2}, parking={"room": 4, "keys": ["p"]}) == []
-    assert _tags(client, queue) == [tags[0], tags[3]]
-    assert _tags(client, aside_list(queue, "o")) == ["early-o", tags[1], tags[2]]
+    assert _tags(client, queue) == tags
+    assert _tags(client, aside_list(queue, "o")) == ["early-o"]
+    _clean(client, queue)
+
+
+def test_nothing_is_set_aside_past_a_message_left_in_place(client: redis.Redis) -> None:
+    """What waits aside stays older than the queue: served first, it never overtakes another key."""
+    queue, tags = _queue(client, ["a", "o", "a", "p"])
+    client.lpush(aside_list(queue, "a"), json.dumps({"body": "", "headers": {"ordered_key": "a"}, "properties": {
+        "delivery_tag": "early-a", "delivery_info": {"exchange": "", "routing_key": queue}}}))
+    client.sadd(aside_index(queue), "a")
+    # a has its share; no free place: the head a goes aside behind its list, o is looked past (only
+    # parking key p may be taken), so the a after o stays in place rather than go aside ahead of o.
+    taken = _fetch(client, queue, free=0, share=1, counts={"a": 1}, parking={"room": 4, "keys": ["p"]})
+    assert taken == [tags[3]]
+    assert _tags(client, aside_list(queue, "a")) == ["early-a", tags[0]]
+    assert _tags(client, queue) == [tags[1], tags[2]]
     _clean(client, queue)
 
 
@@ -229,17 +245,24 @@ def test_a_message_without_a_key_header_goes_behind_its_keys_messages_set_aside(
             delivered[tag] = channel.Message(payload, channel=channel)
             channel.qos.append(delivered[tag], tag)
         assert channel.join_set_aside(delivered["foreign-k"], "k") is False  # k has nothing aside
-        assert client.hexists(unacked, "foreign-k") and channel.qos.in_window[queue] == 2
+        assert channel.qos.in_window[queue] == 2
+        # Its record names its key now: put back, it goes where its key's messages go.
+        assert json.loads(client.hget(unacked, "foreign-k"))[0]["headers"]["ordered_key"] == "k"
 
         def unanswered(*_args: object, **_kwargs: object) -> None:
             raise redis.ConnectionError("Redis went away")
 
+        other = channel.Message({"body": "", "headers": {}, "properties": {
+            "delivery_tag": "foreign-j", "delivery_info": {"exchange": "", "routing_key": queue}}}, channel=channel)
         with monkeypatch.context() as patch:
             patch.setattr(channel, "conn_or_acquire", unanswered)
             assert channel.join_set_aside(delivered["foreign-h"], "h") is None
-        assert queue in channel._paused  # nothing of the queue is fetched, nor set aside, meanwhile
+            assert channel.join_set_aside(other, "j") is None
+        assert queue in channel._joining  # nothing of the queue is fetched, nor set aside, meanwhile
+        assert channel.join_set_aside(other, "j") is True  # no record: not this worker's any more
+        assert queue in channel._joining  # foreign-h still waits for its answer
         assert channel.join_set_aside(delivered["foreign-h"], "h") is True
-        assert queue not in channel._paused
+        assert queue not in channel._joining
     assert _tags(client, aside_list(queue, "h")) == ["older-h", "foreign-h"]
     # With its key as its header: when it comes back from the list, it is not moved again.
     assert json.loads(client.lindex(aside_list(queue, "h"), 0))["headers"]["ordered_key"] == "h"

@@ -538,3 +538,20 @@ def test_a_message_whose_join_redis_did_not_answer_holds_its_key_until_it_answer
         assert started == ["foreign", "foreign"] and answers == []
         lanes.settled("foreign")
         assert started == ["foreign", "foreign", "later"]
+
+
+def test_a_join_still_unanswered_when_its_partition_moves_on_is_not_asked_again() -> None:
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.sequencing.window import _joining_first
+
+    lanes, asked = Lanes(), []
+    consumer = SimpleNamespace(timer=_Timer())
+    message = SimpleNamespace(delivery_tag="foreign")
+    first = _joining_first(consumer, lanes, message, "k", lambda _m, _k: asked.append(1),
+                           lambda: pytest.fail("started"))
+    lanes.admit("foreign", 0, "k", first)
+    assert asked == [1] and len(consumer.timer.due) == 1
+    lanes.drop_partition(0)  # a new tenure put it back at the head of its queue
+    consumer.timer.due.pop()()
+    assert asked == [1] and consumer.timer.due == []

@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import redis
@@ -26,7 +27,16 @@ from tests.services import REDIS_URL, in_ci, require
 
 pytestmark = pytest.mark.integration
 MASTER = "ordered-test"
-PORT = 26399
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+#: The test Redis database, which the Sentinel's URLs name too.
+DB = urlparse(REDIS_URL).path.strip("/") or "0"
 
 
 def _answers(port: int) -> bool:
@@ -39,7 +49,7 @@ def _answers(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def sentinel_url() -> Iterator[str]:
-    """A Sentinel on port 26399 that names the test Redis as master ``ordered-test``."""
+    """A Sentinel on a free port that names the test Redis as master ``ordered-test``."""
     require(REDIS_URL, 6379, "Redis")
     server = shutil.which("redis-server")
     if server is None:
@@ -47,15 +57,16 @@ def sentinel_url() -> Iterator[str]:
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
+    port = _free_port()
     with tempfile.TemporaryDirectory() as folder:
         conf = Path(folder) / "sentinel.conf"
-        conf.write_text(f"port {PORT}\nbind 127.0.0.1\ndir {folder}\n"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
                         f"sentinel monitor {MASTER} 127.0.0.1 6379 1\n"
                         f"sentinel down-after-milliseconds {MASTER} 600000\n")
         process = subprocess.Popen([server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
         try:
-            eventually(lambda: _answers(PORT), timeout=10, what="the Sentinel to listen")
-            yield f"sentinel://127.0.0.1:{PORT}/14"
+            eventually(lambda: _answers(port), timeout=10, what="the Sentinel to listen")
+            yield f"sentinel://127.0.0.1:{port}/{DB}"
         finally:
             process.terminate()
             process.wait(10)
@@ -63,7 +74,7 @@ def sentinel_url() -> Iterator[str]:
 
 def test_the_master_behind_a_sentinel_url_is_the_coordination_redis(sentinel_url: str) -> None:
     key = f"sentinel-{uuid.uuid4().hex[:8]}"
-    direct = redis.Redis.from_url("redis://127.0.0.1:6379/14")
+    direct = redis.Redis.from_url(REDIS_URL)
     client_for(sentinel_url, {"master_name": MASTER}).set(key, "via sentinel", ex=60)
     assert direct.get(key) == b"via sentinel"
     app = Celery("sentinel-conf", set_as_current=False)
@@ -94,7 +105,7 @@ def test_ordered_workers_on_a_sentinel_broker_keep_order_and_fetch_reliably(
     app.conf.broker_transport_options = {"master_name": MASTER}
     run = uuid.uuid4().hex
     queue = partition_queue(get_settings().queue_prefix, partition_for(f"s-{run[:6]}-0")).name
-    direct = redis.Redis.from_url("redis://127.0.0.1:6379/14")
+    direct = redis.Redis.from_url(REDIS_URL)
     direct.lpush(queue, b"\xff a raw item kombu's BRPOP could not decode")
     workers = Workers(app, sentinel_url, 1, [])
     try:

@@ -60,7 +60,7 @@ def plan(profile: str, broker: str, enable: str = "", disable: str = "") -> Plan
         result = Plan(workload=WorkloadConfig(bursts=14, long_idles=4, long_tasks=True, keys=80,
                                               raw_without_partition=True), drain_timeout=240.0)
     else:
-        result = Plan(workload=WorkloadConfig(bursts=8, burst_size=(15, 40), raw_without_partition=True))
+        result = Plan(workload=WorkloadConfig(bursts=6, burst_size=(15, 40), raw_without_partition=True))
         for name in KNOWN_BUGS.get(broker, set()):
             _switch(result, name, False)
     names = [n.strip() for n in enable.split(",") if n.strip()]

@@ -258,6 +258,9 @@ def _joining_first(consumer: Any, lanes: Lanes, message: Any, key: str,
         nonlocal answered
         if answered:
             return start()
+        entry = lanes.entry(message.delivery_tag)
+        if entry is None or entry.start is not first_join:
+            return None  # its partition moved on (a new tenure put it back): not this worker's any more
         joined = join(message, key)
         if joined is None:
             consumer.timer.call_after(JOIN_RETRY, first_join, priority=6)

@@ -18,7 +18,16 @@ from kombu.utils.json import dumps, loads
 
 from ...conf import get_settings
 from ...options import KEY_HEADER
-from ...redisscripts import ASIDE_PREFIX, JOIN_ASIDE, PUT_BACK, RECORD_POPPED, aside_index, aside_list
+from ...redisscripts import (
+    ASIDE_PREFIX,
+    JOIN_ASIDE,
+    JOINED_GONE,
+    JOINED_STAYED,
+    PUT_BACK,
+    RECORD_POPPED,
+    aside_index,
+    aside_list,
+)
 from ..health import metrics
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import fetch_share, new_lanes, parking_room
@@ -163,7 +172,14 @@ for i = 1, count do
       elseif passed_keys[key] then
         action = 'pass'
       elseif set_aside[key] then
-        action = 'aside'
+        -- Past a message left in place, nothing is set aside: what waits aside stays older than
+        -- everything in the queue, so serving it first keeps the queue's order across keys.
+        if passed then
+          action = 'pass'
+          passed_keys[key] = true
+        else
+          action = 'aside'
+        end
       elseif parks[key] and room[queue] > 0 then
         action = 'outside'
       elseif free[queue] <= 0 then
@@ -242,8 +258,9 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         self.fetches_reliably = True
         self.window = max(1, window)
         self._partitions = {}
-        #: Queues not fetched until a message of theirs is put behind its key's messages set aside.
-        self._paused: set[str] = set()
+        #: Queue -> tags of its messages that wait to hear whether they go behind their key's
+        #: messages set aside (Redis did not answer): the queue is not fetched meanwhile.
+        self._joining: dict[str, set[str]] = {}
 
     @property
     def lanes(self) -> Lanes | None:
@@ -260,6 +277,8 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         """A new tenure of ``partition``: what this channel held of it went back to its queue."""
         if self._lanes is not None:
             self._lanes.drop_partition(partition)
+        if self.fetches_reliably:
+            self._joining.pop(queue, None)  # those messages went back to the queue
         qos: Any = self.qos
         qos.forget_queue(queue)
 
@@ -271,7 +290,7 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         channel: Any = self  # kombu is untyped
         in_window, window = channel.qos.in_window, self.window
         cycle = channel._queue_cycle.consume(len(channel.active_queues))
-        queues = [q for q in cycle if (in_window[q] < window or self._parks(q)) and q not in self._paused]
+        queues = [q for q in cycle if (in_window[q] < window or self._parks(q)) and q not in self._joining]
         if not queues:
             return
         prefix = channel.global_keyprefix or ""
@@ -325,14 +344,17 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         header: another producer), which the worker reads from its
         arguments: the fetch may have taken it past its key's messages set
         aside, which are older (it sets nothing aside after such a message),
-        so it must wait behind them. Its unacknowledged record moves with it,
-        in one step, and it gets its key as its header.
+        so it must wait behind them. It gets its key as its header, in its
+        unacknowledged record too, in one step: a message put back later (a
+        requeue in place, a takeover) then goes where its key's do, and one
+        that comes back from its key's list is not moved again.
 
         Returns True when it moved (or its record is no longer this worker's:
         a new tenure put it back), False when the key has nothing set aside
         (the caller admits it), and None when Redis did not answer: the
-        message's queue is then not fetched until a later call answers, so
-        that nothing newer of its key is set aside before it.
+        message's queue is then not fetched until every such question about
+        its messages is answered, so that nothing newer of its key is set
+        aside before it.
         """
         channel: Any = self
         queue = (message.delivery_info or {}).get("routing_key")
@@ -343,23 +365,32 @@ class ReliableChannel(kombu_redis.Channel):  # type: ignore[misc]
         try:
             with channel.conn_or_acquire() as client:
                 raw = client.hget(channel.unacked_key, tag)
-                moved = raw is None or client.execute_command(
-                    "EVAL", JOIN_ASIDE, 4, prefix + channel.unacked_key, prefix + channel.unacked_index_key,
-                    prefix + aside_list(queue, key), prefix + aside_index(queue), tag,
-                    dumps(_with_key(loads(bytes_to_str(raw))[0], key)), key)
+                if raw is None:
+                    outcome = JOINED_GONE
+                else:
+                    payload, exchange, routing_key = loads(bytes_to_str(raw))
+                    payload = _with_key(payload, key)
+                    keys = (prefix + channel.unacked_key, prefix + channel.unacked_index_key,
+                            prefix + aside_list(queue, key), prefix + aside_index(queue))
+                    outcome = int(client.execute_command("EVAL", JOIN_ASIDE, 4, *keys, tag, dumps(payload),
+                                                         dumps([payload, exchange, routing_key]), key))
         except redis.RedisError as exc:
-            if queue not in self._paused:
+            waiting = self._joining.setdefault(queue, set())
+            if not waiting:
                 logger.warning("Could not tell whether message %s must wait behind the messages of its "
                                "key set aside (%r): queue %s is not fetched until Redis answers.",
                                tag, exc, queue)
-            self._paused.add(queue)
+            waiting.add(tag)
             return None
-        if queue in self._paused:
-            self._paused.discard(queue)
-            logger.warning("Redis answers again: queue %s is fetched again.", queue)
-        if moved:
+        pending = self._joining.get(queue)
+        if pending is not None:
+            pending.discard(tag)
+            if not pending:
+                del self._joining[queue]
+                logger.warning("Redis answers again: queue %s is fetched again.", queue)
+        if outcome != JOINED_STAYED:
             channel.qos.moved_away(tag)
-        return bool(moved)
+        return outcome != JOINED_STAYED
 
     def _partition_of(self, name: str) -> int | None:
         partition = self._partitions.get(name, -1)
