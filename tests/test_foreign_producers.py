@@ -295,3 +295,19 @@ def test_after_a_failover_to_another_broker_url_the_worker_still_fetches_reliabl
         assert wait_done(results, run, 1, timeout=30) == 1
     finally:
         workers.stop()
+
+
+def test_a_revoked_message_without_the_key_header_is_kept_as_a_record(
+        app: Celery, start_workers: Any, results: redis.Redis, run: str) -> None:
+    key = f"acct-{run[:6]}"
+    task = app.tasks[T + "ordered_record"]
+    start_workers(1)
+    task.delay(run=run, key=key, seq=1, sleep=2.0)
+    task_id = raw_publish(app, T + "ordered_record", {"run": run, "key": key, "seq": 2}, queue_of=key, headers={})
+    app.control.revoke(task_id)
+    task.delay(run=run, key=key, seq=3)
+    assert wait_done(results, run, 2, timeout=30) == 2
+    assert ran(results, run, key) == [1, 3]
+    # Under the key of its arguments: the operator finds it with the account's other messages.
+    assert eventually(lambda: rows(task_id), timeout=10, what="the revoked message's record") == [
+        (key, "revoked", "skipped")]

@@ -10,7 +10,8 @@ from ...models import ParkedMessage
 from ..delivery import Delivery, key_of_partition, queue_partition
 from ..exclusivity.fencing import FENCE
 from ..pooled import run_in_pool
-from ..sequencing.window import hand_back_in_place
+from ..sequencing.lanes import BARRIER
+from ..sequencing.window import hand_back_in_place, lane_key
 from . import store
 from .control import arrived
 from .guard import park_misfit
@@ -44,8 +45,15 @@ def hand_over(worker: Any, message: Any, reason: str, error: str,
     partition = partition_of_message(message)
     if partition is None:
         return False
-    arrived(getattr(getattr(worker, "consumer", worker), "app", None), partition)
+    app = getattr(getattr(worker, "consumer", worker), "app", None)
+    arrived(app, partition)
     delivery = Delivery.from_message(message, partition)
+    if not delivery.key and app is not None:
+        # No key header (another producer): the key of its arguments, where they tell one, so
+        # that the record (a revoked message's, say) is found under its account.
+        key = lane_key(app, message)
+        if key is not BARRIER:
+            delivery.key = key
     logger.error("Parking message %s of key %r (%s): %s", delivery.task_id or "?", delivery.key,
                  reason, error)
 
