@@ -164,6 +164,7 @@ class Workers:
     def __init__(self, app: Celery, broker_url: str, processes: int, extra: list[str],
                  window: int | None = None) -> None:
         self.app = app
+        self.terminating = False
         self.name = f"t{uuid.uuid4().hex[:6]}"
         self.processes = processes
         from django.db import connection
@@ -208,12 +209,20 @@ class Workers:
                              capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """Ask for a warm shutdown, once: the launcher takes a second signal as a cold shutdown."""
+        if self.process.poll() is None and not self.terminating:
+            self.terminating = True
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.terminate()
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            for pid in self.child_pids():  # leave no worker holding a partition behind
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
             raise
@@ -242,8 +251,7 @@ def start_workers(app: Celery, broker: str, shared_db: None) -> Iterator[Any]:
 
     yield start
     for workers in started:  # all stop at once
-        if workers.process.poll() is None:
-            workers.process.send_signal(signal.SIGTERM)
+        workers.terminate()
     for workers in started:
         began = time.monotonic()
         with contextlib.suppress(Exception):

@@ -76,7 +76,7 @@ def test_a_standby_takes_over_when_the_owner_stops_and_never_overlaps(
     total = publish_interleaved(app, run, keys=30, per_key=20, seed=5, slow=0.02)
     while int(results.get(f"{run}:done") or 0) < total // 4:
         time.sleep(0.05)
-    owner.process.send_signal(signal.SIGTERM)  # warm shutdown while tasks are running
+    owner.terminate()  # warm shutdown while tasks are running
     assert wait_done(results, run, total, timeout=90) >= total
     assert owner.process.wait(60) == 0
     assert_in_order(results, run, keys=30, per_key=20, redelivered=1)
@@ -210,7 +210,7 @@ def test_a_warm_shutdown_hands_over_to_the_standby_while_publishing_and_loses_no
             for key in keys:
                 task.apply_async(kwargs={"run": run, "key": key, "seq": seq}, producer=producer)
             if seq == 150:
-                owner.process.send_signal(signal.SIGTERM)
+                owner.terminate()
                 stopping_since = time.monotonic()
             elif stopping_since is not None:
                 time.sleep(0.02)  # about 500 a second: the standby drains them in seconds, not a minute
@@ -272,7 +272,7 @@ def test_three_launchers_a_killed_standby_and_a_warm_stop_under_steady_publishin
                     subprocess.run(["kill", "-KILL", str(pid)], check=False)
                 b_killed = True
             if not a_stopped and elapsed > 13:  # a warm stop: c takes over
-                a.process.send_signal(signal.SIGTERM)
+                a.terminate()
                 a_stopped = True
             key = rng.choice(keys)
             sent[key] += 1

@@ -147,7 +147,7 @@ def test_a_warm_shutdown_with_a_full_window_loses_nothing_and_runs_nothing_twice
     first = start_workers(1, "--pool", name, "--concurrency", str(concurrency))
     total = publish_keys(app, run, keys, per_key=6, sleep=0.1)
     eventually(lambda: int(results.get(f"{run}:done") or 0) >= 20, timeout=60, what="a first share")
-    first.process.send_signal(signal.SIGTERM)  # warm: running tasks finish, the rest goes back
+    first.terminate()  # warm: running tasks finish, the rest goes back
     assert first.process.wait(60) == 0
     done_at_stop = int(results.get(f"{run}:done") or 0)
     assert done_at_stop < total, "everything ran before the stop: the test proves nothing"
