@@ -555,3 +555,19 @@ def test_a_join_still_unanswered_when_its_partition_moves_on_is_not_asked_again(
     lanes.drop_partition(0)  # a new tenure put it back at the head of its queue
     consumer.timer.due.pop()()
     assert asked == [1] and consumer.timer.due == []
+
+
+def test_a_copy_of_a_task_still_running_in_this_worker_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker frozen past its lease that gets it back fetches again what it held, while the task
+    it was running may still run: the copy is handed back in place until it ended."""
+    from types import SimpleNamespace
+
+    from celery.worker import state
+
+    from ordered_tasks.worker.consumer import _still_running_here
+
+    running = SimpleNamespace(id="task-1")
+    monkeypatch.setattr(state, "active_requests", [running])
+    assert _still_running_here(SimpleNamespace(headers={"id": "task-1"}))
+    assert not _still_running_here(SimpleNamespace(headers={"id": "task-2"}))
+    assert not _still_running_here(SimpleNamespace(headers=None))

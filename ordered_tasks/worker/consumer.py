@@ -29,13 +29,26 @@ from .health import metrics
 from .health.figures import FIGURES
 from .redelivery.ledger import acknowledged_here
 from .sequencing.handoff import LOOP
-from .sequencing.window import SPILL, admit
+from .sequencing.window import SPILL, admit, hand_back_in_place
 from .setup import ordered_worker
 from .transport.fetch import start_fetching_reliably
 from .transport.transport import RedisTransport, SentinelTransport
 
 Reason = ParkedMessage.Reason
 logger = logging.getLogger(__name__)
+
+
+def _still_running_here(message: Any) -> bool:
+    """Whether a copy of ``message`` (its task id) still runs in this worker.
+
+    A worker frozen past its lease that gets the lease back puts what it
+    held back at the head of the queue, and fetches it again, while the task
+    it was running when it froze may not have finished yet: the copy must
+    not run beside it.
+    """
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task_id = headers.get("id")
+    return task_id is not None and any(request.id == task_id for request in list(state.active_requests))
 
 
 def _is_amqp(consumer: Any) -> bool:
@@ -169,6 +182,8 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         def start(message: Any) -> Any:
             if self._unordered_task(message):
                 return None
+            if _still_running_here(message) and hand_back_in_place(self, message):
+                return None  # its copy finishes first; then the ledger recognises this one
             return handle(message)
 
         def on_task_received(message: Any) -> Any:
