@@ -64,8 +64,8 @@ DELIVERY_STEP = 1e-6
 #: none), then each queue's free places, then for each queue its parking room as a JSON
 #: object ``{"room": n, "keys": [...]}`` ('' for none; priority lists of one queue share
 #: places, key counts and room), then the prefix of the names of the lists set aside (see
-#: :func:`aside_keys`). Returns the queue name, delivery tag and message of each message
-#: taken, in the order taken, or false.
+#: :func:`~ordered_tasks.redisscripts.aside_list`). Returns the queue name, delivery tag and
+#: message of each message taken, in the order taken, or false.
 #:
 #: A key's messages set aside come first: each queue's set-aside keys are served from the
 #: head of their lists while they have room in the window. Then each queue is read once
@@ -75,7 +75,9 @@ DELIVERY_STEP = 1e-6
 #: that the partition's other keys behind it are reached and the key's messages keep their
 #: order. A message of a parking key (held: the worker parks its messages as they come) is
 #: taken while there is parking room, without a place in the window. With the window full,
-#: the others are looked past and stay in place. A message whose key cannot be read ends
+#: the others are looked past and stay in place, and nothing after one of them is set aside:
+#: what waits aside stays older than everything in the queue, so serving it first never
+#: overtakes another key. A message whose key cannot be read ends
 #: the look once something was looked past (it may belong to such a key); else it is taken
 #: if there is a free place, and nothing after it is set aside in this call: the worker,
 #: which reads its key from its arguments, moves it behind its key's messages set aside, if
