@@ -13,7 +13,7 @@ from kombu import Connection
 from .coordination import client_for, is_redis
 from .options import PUBLISHED_HEADER
 from .partitioning import queue_name
-from .redisscripts import aside_index, aside_list
+from .redisscripts import aside_index, aside_lists
 
 #: Seconds to wait for the broker before the page says it cannot be reached.
 BROKER_TIMEOUT = 2.0
@@ -58,7 +58,7 @@ def _redis(url: str, names: dict[int, str],
         pipe = client.pipeline(transaction=False)
         for name in names.values():
             pipe.smembers(prefix + aside_index(name))
-        lists = {partition: [prefix + name] + [prefix + aside_list(name, _text(key)) for key in sorted(keys)]
+        lists = {partition: [prefix + name, *aside_lists(keys, name, prefix).values()]
                  for (partition, name), keys in zip(names.items(), pipe.execute(), strict=True)}
         for keys in lists.values():
             for key in keys:
@@ -78,10 +78,6 @@ def _redis(url: str, names: dict[int, str],
                 ages.append(age)
         figures[partition] = QueueFigures(depth, max(ages) if ages else None)
     return figures
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _age(raw: Any, now: float) -> float | None:

@@ -22,7 +22,7 @@ from .exceptions import InvalidKeyError, OrderedTaskError
 from .models import AccountState, ControlRequest, ParkedMessage, PartitionFence
 from .options import CONTROL_TASK, KEY_HEADER
 from .partitioning import canonical_key, partition_of, queue_name
-from .redisscripts import RECORD_POPPED, RELEASE_LEASE, RENEW_LEASE, aside_index, aside_list
+from .redisscripts import RECORD_POPPED, RELEASE_LEASE, RENEW_LEASE, aside_index, aside_lists
 from .routing import key_spec_for
 from .states import ControlAction
 
@@ -181,9 +181,8 @@ def _purge_redis(app: Celery, partition: int, name: str, store: _Store) -> None:
         # The messages a worker set aside for their keys are the earliest of those keys that
         # wait: they go before the queue's.
         asides = prefix + aside_index(name)
-        set_aside = sorted(member.decode() if isinstance(member, bytes) else member
-                           for member in client.smembers(asides))
-        lists = [prefix + aside_list(name, key) for key in set_aside]
+        set_aside = aside_lists(client.smembers(asides), name, prefix)
+        lists = [*set_aside.values()]
         lists += [prefix + channel._q_for_pri(name, pri) for pri in channel.priority_steps]
 
         def ack(batch: list[Taken]) -> None:
@@ -215,8 +214,8 @@ def _purge_redis(app: Celery, partition: int, name: str, store: _Store) -> None:
             store.save(batch, lease.check)
             ack(batch)
             done += len(batch)
-        for key in set_aside:
-            client.eval(_FORGET_ASIDE, 2, asides, prefix + aside_list(name, key), key)
+        for key, listed in set_aside.items():
+            client.eval(_FORGET_ASIDE, 2, asides, listed, key)
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from kombu.utils.encoding import bytes_to_str
+
 #: Renew a lease: KEYS[1] the lease, ARGV its owner and the time to live in ms (0: not held).
 RENEW_LEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -67,6 +71,11 @@ def aside_index(queue: str) -> str:
 def aside_list(queue: str, key: str) -> str:
     """The list of the messages of ``key`` set aside from ``queue`` (its head at the right, as a queue's)."""
     return f"{ASIDE_PREFIX}{queue}:{key}"
+
+
+def aside_lists(keys: Iterable[bytes | str], queue: str, prefix: str = "") -> dict[str, str]:
+    """Each of ``keys`` (the members of :func:`aside_index`, as Redis gives them) -> its list, by key."""
+    return {key: prefix + aside_list(queue, key) for key in sorted(map(bytes_to_str, keys))}
 
 
 #: Put a message back at the head of its key's messages: KEYS[1] the key's list of messages

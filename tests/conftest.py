@@ -115,12 +115,15 @@ def purge_all(app: Celery) -> None:
             bound.declare()
             bound.purge()
         if conn.transport.driver_type == "redis":  # what a worker set aside for busy keys too
-            from ordered_tasks.redisscripts import aside_index, aside_list
-
-            client = conn.default_channel.client
             for queue in ordered_queues():
-                keys = [k.decode() if isinstance(k, bytes) else k for k in client.smembers(aside_index(queue.name))]
-                client.delete(aside_index(queue.name), *(aside_list(queue.name, k) for k in keys))
+                drop_set_aside(conn.default_channel.client, queue.name)
+
+
+def drop_set_aside(client: Any, name: str) -> None:
+    """Delete what a worker set aside for busy keys from the Redis queue ``name``."""
+    from ordered_tasks.redisscripts import aside_index, aside_lists
+
+    client.delete(aside_index(name), *aside_lists(client.smembers(aside_index(name)), name).values())
 
 
 def unacknowledged_queues(channel: Any) -> list[str]:
@@ -151,11 +154,10 @@ def queue_depths(app: Celery) -> dict[str, int]:
 
 def _set_aside(channel: Any, name: str) -> int:
     """Messages of the Redis queue ``name`` that a worker set aside for busy keys."""
-    from ordered_tasks.redisscripts import aside_index, aside_list
+    from ordered_tasks.redisscripts import aside_index, aside_lists
 
     client = channel.client
-    keys = client.smembers(aside_index(name))
-    return sum(int(client.llen(aside_list(name, k.decode() if isinstance(k, bytes) else k))) for k in keys)
+    return sum(int(client.llen(listed)) for listed in aside_lists(client.smembers(aside_index(name)), name).values())
 
 
 class Workers:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from ordered_tasks.redisscripts import ASIDE_PREFIX, aside_index, aside_list
 from ordered_tasks.worker.transport.fetch import _FETCH
+from tests.conftest import drop_set_aside
 
 
 @pytest.fixture
@@ -20,6 +22,12 @@ def client(redis_broker: str) -> Iterator[redis.Redis]:
     connection.close()
 
 
+def _message(queue: str, key: str | None, tag: str) -> dict[str, Any]:
+    """A kombu message of ``queue`` with ``key`` as its ``ordered_key`` (None: no such header)."""
+    return {"body": "", "headers": {} if key is None else {"ordered_key": key},
+            "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+
 def _queue(client: redis.Redis, keys: list[str]) -> tuple[str, list[str]]:
     """A queue holding one kombu message per entry of ``keys`` (its ``ordered_key``), head first."""
     queue = f"test.fetch.{uuid.uuid4().hex}"
@@ -27,11 +35,14 @@ def _queue(client: redis.Redis, keys: list[str]) -> tuple[str, list[str]]:
     for n, key in enumerate(keys):
         tag = f"{queue}-{n}"
         tags.append(tag)
-        message = {"body": "", "headers": {"ordered_key": key},
-                   "properties": {"delivery_tag": tag,
-                                  "delivery_info": {"exchange": "", "routing_key": queue}}}
-        client.lpush(queue, json.dumps(message))  # consumers pop from the right: the head
+        client.lpush(queue, json.dumps(_message(queue, key, tag)))  # consumers pop from the right: the head
     return queue, tags
+
+
+def _put_aside(client: redis.Redis, queue: str, key: str, tag: str) -> None:
+    """A message of ``key`` that a worker set aside from ``queue``, at the tail of the key's list."""
+    client.lpush(aside_list(queue, key), json.dumps(_message(queue, key, tag)))
+    client.sadd(aside_index(queue), key)
 
 
 def _fetch(client: redis.Redis, queue: str, *, free: int, share: int, counts: dict[str, int],
@@ -52,8 +63,8 @@ def _tags(client: redis.Redis, name: str) -> list[str]:
 
 
 def _clean(client: redis.Redis, queue: str) -> None:
-    keys = client.smembers(aside_index(queue))
-    client.delete(queue, aside_index(queue), *(aside_list(queue, key) for key in keys))
+    client.delete(queue)
+    drop_set_aside(client, queue)
 
 
 def test_a_crowded_key_is_set_aside_and_its_messages_stay_in_order(client: redis.Redis) -> None:
@@ -65,8 +76,7 @@ def test_a_crowded_key_is_set_aside_and_its_messages_stay_in_order(client: redis
     assert _tags(client, aside_list(queue, "h")) == [tags[1], tags[2], tags[4]]
     # h has room again (its message in the window finished): it is served from its list first,
     # in order, before the queue's later messages of h.
-    client.lpush(queue, json.dumps({"body": "", "headers": {"ordered_key": "h"}, "properties": {
-        "delivery_tag": "late-h", "delivery_info": {"exchange": "", "routing_key": queue}}}))
+    client.lpush(queue, json.dumps(_message(queue, "h", "late-h")))
     assert _fetch(client, queue, free=4, share=2, counts={}) == [tags[1], tags[2]]
     assert _tags(client, aside_list(queue, "h")) == [tags[4], "late-h"]  # late h went behind them
     assert _fetch(client, queue, free=4, share=2, counts={}) == [tags[4], "late-h"]
@@ -76,9 +86,7 @@ def test_a_crowded_key_is_set_aside_and_its_messages_stay_in_order(client: redis
 
 def test_with_the_window_full_what_is_looked_past_stays_in_place(client: redis.Redis) -> None:
     queue, tags = _queue(client, ["h", "o", "o", "h"])
-    client.lpush(aside_list(queue, "o"), json.dumps({"body": "", "headers": {"ordered_key": "o"}, "properties": {
-        "delivery_tag": "early-o", "delivery_info": {"exchange": "", "routing_key": queue}}}))
-    client.sadd(aside_index(queue), "o")
+    _put_aside(client, queue, "o", "early-o")
     # No free place: h is looked past (only parking key p may be taken), and so is everything after
     # it, o's too: set aside, they would be served ahead of h.
     assert _fetch(client, queue, free=0, share=2, counts={"o": 2}, parking={"room": 4, "keys": ["p"]}) == []
@@ -90,9 +98,7 @@ def test_with_the_window_full_what_is_looked_past_stays_in_place(client: redis.R
 def test_nothing_is_set_aside_past_a_message_left_in_place(client: redis.Redis) -> None:
     """What waits aside stays older than the queue: served first, it never overtakes another key."""
     queue, tags = _queue(client, ["a", "o", "a", "p"])
-    client.lpush(aside_list(queue, "a"), json.dumps({"body": "", "headers": {"ordered_key": "a"}, "properties": {
-        "delivery_tag": "early-a", "delivery_info": {"exchange": "", "routing_key": queue}}}))
-    client.sadd(aside_index(queue), "a")
+    _put_aside(client, queue, "a", "early-a")
     # a has its share; no free place: the head a goes aside behind its list, o is looked past (only
     # parking key p may be taken), so the a after o stays in place rather than go aside ahead of o.
     taken = _fetch(client, queue, free=0, share=1, counts={"a": 1}, parking={"room": 4, "keys": ["p"]})
@@ -182,18 +188,14 @@ def test_a_message_put_back_goes_before_its_keys_messages_set_aside(redis_broker
     from kombu import Connection
 
     queue, tags = _queue(client, ["o"])
-    client.lpush(aside_list(queue, "h"), json.dumps({"body": "", "headers": {"ordered_key": "h"}, "properties": {
-        "delivery_tag": "later-h", "delivery_info": {"exchange": "", "routing_key": queue}}}))
-    client.sadd(aside_index(queue), "h")
+    _put_aside(client, queue, "h", "later-h")
     unacked, index = f"{queue}.unacked", f"{queue}.index"
     options = {"unacked_key": unacked, "unacked_index_key": index}
     with Connection(redis_broker, transport="ordered_tasks.worker.transport.transport:RedisTransport",
                     transport_options=options) as conn:
         channel = conn.default_channel  # a takeover restores before the channel fetches
         for tag, key in (("early-h", "h"), ("early-k", "k")):
-            message = {"body": "", "headers": {"ordered_key": key},
-                       "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
-            client.hset(unacked, tag, json.dumps([message, "", queue]))
+            client.hset(unacked, tag, json.dumps([_message(queue, key, tag), "", queue]))
             client.zadd(index, {tag: 1.0})
             channel.qos.restore_by_tag(tag, leftmost=False)
     assert _tags(client, aside_list(queue, "h")) == ["early-h", "later-h"]
@@ -228,9 +230,7 @@ def test_a_message_without_a_key_header_goes_behind_its_keys_messages_set_aside(
     from kombu import Connection
 
     queue = _queue(client, [])[0]
-    client.lpush(aside_list(queue, "h"), json.dumps({"body": "", "headers": {"ordered_key": "h"}, "properties": {
-        "delivery_tag": "older-h", "delivery_info": {"exchange": "", "routing_key": queue}}}))
-    client.sadd(aside_index(queue), "h")
+    _put_aside(client, queue, "h", "older-h")
     unacked, index = f"{queue}.unacked", f"{queue}.index"
     with Connection(redis_broker, transport="ordered_tasks.worker.transport.transport:RedisTransport",
                     transport_options={"unacked_key": unacked, "unacked_index_key": index}) as conn:
@@ -238,8 +238,7 @@ def test_a_message_without_a_key_header_goes_behind_its_keys_messages_set_aside(
         channel.fetch_reliably(16)
         delivered = {}
         for tag in ("foreign-h", "foreign-k"):
-            payload = {"body": "", "headers": {}, "properties": {
-                "delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+            payload = _message(queue, None, tag)
             client.hset(unacked, tag, json.dumps([payload, "", queue]))
             client.zadd(index, {tag: 1.0})
             delivered[tag] = channel.Message(payload, channel=channel)
@@ -252,8 +251,7 @@ def test_a_message_without_a_key_header_goes_behind_its_keys_messages_set_aside(
         def unanswered(*_args: object, **_kwargs: object) -> None:
             raise redis.ConnectionError("Redis went away")
 
-        other = channel.Message({"body": "", "headers": {}, "properties": {
-            "delivery_tag": "foreign-j", "delivery_info": {"exchange": "", "routing_key": queue}}}, channel=channel)
+        other = channel.Message(_message(queue, None, "foreign-j"), channel=channel)
         with monkeypatch.context() as patch:
             patch.setattr(channel, "conn_or_acquire", unanswered)
             assert channel.join_set_aside(delivered["foreign-h"], "h") is None

@@ -488,12 +488,10 @@ def _set_aside(channel: Any, name: str, key: str) -> list[str]:
 
 
 def _purge_with_aside(channel: Any, name: str) -> None:
-    from ordered_tasks.redisscripts import aside_index, aside_list
+    from tests.conftest import drop_set_aside
 
     channel.queue_purge(name)
-    raw = redis.Redis(connection_pool=channel.pool)
-    keys = [k.decode() for k in raw.smembers(aside_index(name))]
-    raw.delete(aside_index(name), *(aside_list(name, k) for k in keys))
+    drop_set_aside(redis.Redis(connection_pool=channel.pool), name)
 
 
 def _remaining(channel: Any, name: str) -> list[str]:
