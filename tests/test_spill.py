@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import uuid
@@ -86,7 +85,7 @@ def test_a_spill_behind_a_blocked_key_waits_for_the_operator(wakes: list[str]) -
     key = same_partition_keys(1)[0]
     partition = partition_for(key)
     store.block(key, partition, delivery=_deliveries(key, "r", range(1, 2))[0], error="boom")
-    spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, "r", range(2, 6))])
+    spill.spill_in_worker(key, partition, _deliveries(key, "r", range(2, 6)))
     assert wakes == []
     assert AccountState.objects.get(key=key).status == KeyStatus.BLOCKED
     assert [reason for reason, _ in parked(key)] == ["failed"] + ["overflow"] * 4
@@ -97,8 +96,7 @@ def test_the_drain_runs_spilled_messages_in_order_and_then_the_key_is_active(
         app: Celery, results: redis.Redis, wakes: list[str]) -> None:
     run, key = uuid.uuid4().hex, same_partition_keys(1)[0]
     partition = partition_for(key)
-    assert spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in
-                                                  _deliveries(key, run, range(1, 6))]) == "retrying"
+    assert spill.spill_in_worker(key, partition, _deliveries(key, run, range(1, 6))) == "retrying"
     assert wakes == [key] and BOOK.status(key, partition) == KeyStatus.RETRYING
     assert control.drain(app, key, partition) == "active"
     assert ran(results, run, key) == [1, 2, 3, 4, 5]
@@ -111,14 +109,14 @@ def test_a_message_spilled_while_the_drain_runs_is_not_left_behind_an_active_key
     """A spill may park beside a running drain: the key stays held until that one ran too."""
     run, key = uuid.uuid4().hex, same_partition_keys(1)[0]
     partition = partition_for(key)
-    spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, run, range(1, 3))])
+    spill.spill_in_worker(key, partition, _deliveries(key, run, range(1, 3)))
     run_parked = control.run_parked
     late = _deliveries(key, run, range(3, 5))
 
     def run_and_spill(app: Celery, row: ParkedMessage) -> Any:
         outcome = run_parked(app, row)
         if late:  # the consumer parks more of the key while the drain runs its first message
-            spill.spill_in_worker(key, partition, [dataclasses.asdict(late.pop(0)) for _ in range(2)])
+            spill.spill_in_worker(key, partition, [late.pop(0) for _ in range(2)])
         return outcome
 
     monkeypatch.setattr(control, "run_parked", run_and_spill)
@@ -205,7 +203,7 @@ def test_a_wake_up_that_cannot_be_published_does_not_undo_the_spill(
 
     monkeypatch.setattr(spill, "publish_wake", no_broker)
     monkeypatch.setattr(spill.time, "sleep", lambda _s: None)
-    status = spill.spill_in_worker(key, partition, [dataclasses.asdict(d) for d in _deliveries(key, "r", range(1, 5))])
+    status = spill.spill_in_worker(key, partition, _deliveries(key, "r", range(1, 5)))
     assert status == "retrying" and len(parked(key)) == 4  # parked: the messages are acknowledged
     assert "could not be published" in caplog.text
 
@@ -218,10 +216,10 @@ def test_nothing_is_spilled_once_the_lease_may_have_lapsed_or_the_partition_move
 
     key = same_partition_keys(1)[0]
     partition = partition_for(key)
-    fields = [dataclasses.asdict(d) for d in _deliveries(key, "r", range(1, 5))]
+    deliveries = _deliveries(key, "r", range(1, 5))
     monkeypatch.setattr(DEADLINES, "allows", lambda p: p != partition)
     with pytest.raises(spill.LeaseLapsed, match="lapsed"):
-        spill.spill_in_worker(key, partition, fields)
+        spill.spill_in_worker(key, partition, deliveries)
     monkeypatch.undo()
     versions = Versions(get_settings().partitions)
     BOOK.share(versions, [partition])
@@ -229,9 +227,9 @@ def test_nothing_is_spilled_once_the_lease_may_have_lapsed_or_the_partition_move
         tenure = versions.get(partition)[1]
         versions.arrived(partition)  # the partition's messages arrive again: a new tenure
         with pytest.raises(spill.LeaseLapsed, match="tenure"):
-            spill.spill_in_worker(key, partition, fields, None, tenure)
+            spill.spill_in_worker(key, partition, deliveries, None, tenure)
         assert parked(key) == [] and wakes == []
-        assert spill.spill_in_worker(key, partition, fields, None, versions.get(partition)[1]) == "retrying"
+        assert spill.spill_in_worker(key, partition, deliveries, None, versions.get(partition)[1]) == "retrying"
     finally:
         BOOK.versions = None
 
@@ -319,3 +317,34 @@ def test_a_side_thread_runs_jobs_in_order_and_reports_each() -> None:
     assert done.wait(10)
     assert reports == [("done", 0), ("done", 2), ("done", 4), ("done", 6), ("done", 8),
                        ("failed", "RuntimeError('gone')")]
+
+
+@pytest.mark.django_db
+def test_rows_inserted_in_one_copy_read_back_as_django_would_have_saved_them() -> None:
+    """The spill's ``COPY`` (PostgreSQL) stores every field as ``bulk_create`` does."""
+    from django.db import connection
+
+    from ordered_tasks.worker.failures.bulk import insert_parked
+
+    headers = {"nested": {"list": [1, 2.5, None, True], "text": "é ✓ \\ \" \t\n"}, "empty": {}}
+    body = b"\x00\x01 \\N \t\n\xff" + "é".encode()
+
+    def rows(key: str) -> list[ParkedMessage]:
+        return [ParkedMessage(key=key, partition=3, position=n, reason=ParkedMessage.Reason.OVERFLOW,
+                              task_name="t", task_id=f"id-{n}", body=body, content_type="application/json",
+                              content_encoding="utf-8", headers={**headers, "n": n}) for n in (1, 2)]
+
+    assert insert_parked(rows("copied")) == 2
+    ParkedMessage.objects.bulk_create(rows("created"))
+    assert insert_parked([]) == 0
+    fields = [f.attname for f in ParkedMessage._meta.concrete_fields
+              if f.attname not in ("id", "key", "created_at", "updated_at")]
+
+    def stored(key: str) -> list[dict[str, Any]]:
+        found = list(ParkedMessage.objects.filter(key=key).order_by("position").values(*fields, "created_at"))
+        assert all(row.pop("created_at") is not None for row in found)
+        return [{**row, "body": bytes(row["body"])} for row in found]
+
+    assert stored("copied") == stored("created") and len(stored("copied")) == 2
+    assert stored("copied")[0]["body"] == body and stored("copied")[1]["headers"]["n"] == 2
+    assert connection.vendor == "postgresql"  # the test database: the COPY path ran

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -89,15 +88,26 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
             logger.info("Parked %d waiting messages of key %r of partition %s as the worker stopped; "
                         "they come back and are recognised.", len(batch), key, partition)
 
-    fields = [dataclasses.asdict(spilled_delivery(entry.message, partition, key)) for entry in batch]
+    messages = [entry.message for entry in batch]
     logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
     app = getattr(worker, "app", None)
     # Not in the pool, whose queue may hold whole windows of tasks ahead of the spill (and the
     # partition's other keys wait for it), but on the side thread, one batch after the other.
-    SIDE.submit(spill_in_worker, (key, partition, fields, fence, tenure, app), done=done, failed=failed)
+    SIDE.submit(park_messages, (key, partition, messages, fence, tenure, app), done=done, failed=failed)
 
 
-def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fence: int | None = None,
+def park_messages(key: str, partition: int, messages: list[Any], fence: int | None = None,
+                  tenure: int | None = None, app: Any = None) -> str:
+    """Spill thread: :func:`spill_in_worker` with ``messages`` as they are parked.
+
+    They are read here rather than on the event loop, which meanwhile
+    receives and starts the partition's other messages.
+    """
+    deliveries = [spilled_delivery(message, partition, key) for message in messages]
+    return spill_in_worker(key, partition, deliveries, fence, tenure, app)
+
+
+def spill_in_worker(key: str, partition: int, deliveries: list[Delivery], fence: int | None = None,
                     tenure: int | None = None, app: Any = None) -> str:
     """Spill thread's side of :func:`spill_over`: park the messages; hold the key until they ran.
 
@@ -121,7 +131,6 @@ def spill_in_worker(key: str, partition: int, fields: list[dict[str, Any]], fenc
 
     token = FENCE.set(fence)
     try:
-        deliveries = [Delivery(**f) for f in fields]
         state, held_now = store.spill(key, partition, deliveries, before_write=still_ours)
     finally:
         FENCE.reset(token)

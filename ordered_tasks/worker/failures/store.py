@@ -17,6 +17,7 @@ from ...states import KeyStatus
 from ..delivery import Delivery
 from ..exclusivity.fencing import FENCE
 from ..health import metrics
+from .bulk import insert_parked
 
 PARKED = ParkedMessage.State.PARKED
 Reason = ParkedMessage.Reason
@@ -132,10 +133,10 @@ def spill(key: str, partition: int, deliveries: list[Delivery],
         ids = [d.task_id for d in deliveries if d.task_id]
         known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids, state=PARKED)
                     .values_list("task_id", flat=True))
-        rows = ParkedMessage.objects.bulk_create([  # one statement for the batch
+        parked = insert_parked([  # one statement for the batch
             _new_row(state, delivery, reason=Reason.OVERFLOW) for delivery in deliveries
             if not delivery.task_id or delivery.task_id not in known])
-        _count_parked(partition, Reason.OVERFLOW, len(rows))
+        _count_parked(partition, Reason.OVERFLOW, parked)
         held_now = state.status == KeyStatus.ACTIVE
         if held_now:
             state.epoch += 1
