@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadPool
+from django.utils import timezone
 
 from ordered_tasks import partition_for
 from ordered_tasks.conf import get_settings
@@ -334,17 +335,68 @@ def test_rows_inserted_in_one_copy_read_back_as_django_would_have_saved_them() -
                               task_name="t", task_id=f"id-{n}", body=body, content_type="application/json",
                               content_encoding="utf-8", headers={**headers, "n": n}) for n in (1, 2)]
 
+    before = timezone.now()
     assert insert_parked(rows("copied")) == 2
+    after = timezone.now()
     ParkedMessage.objects.bulk_create(rows("created"))
     assert insert_parked([]) == 0
     fields = [f.attname for f in ParkedMessage._meta.concrete_fields
               if f.attname not in ("id", "key", "created_at", "updated_at")]
 
     def stored(key: str) -> list[dict[str, Any]]:
-        found = list(ParkedMessage.objects.filter(key=key).order_by("position").values(*fields, "created_at"))
-        assert all(row.pop("created_at") is not None for row in found)
+        found = list(ParkedMessage.objects.filter(key=key).order_by("position")
+                     .values(*fields, "created_at", "updated_at"))
+        for row in found:
+            if key == "copied":  # the same instant as Django would have written, time zone and all
+                assert before <= row.pop("created_at") <= after and before <= row.pop("updated_at") <= after
+            else:
+                row.pop("created_at"), row.pop("updated_at")
         return [{**row, "body": bytes(row["body"])} for row in found]
 
     assert stored("copied") == stored("created") and len(stored("copied")) == 2
     assert stored("copied")[0]["body"] == body and stored("copied")[1]["headers"]["n"] == 2
     assert connection.vendor == "postgresql"  # the test database: the COPY path ran
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_that_refuses_copy_gets_its_rows_with_insert_from_then_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Row-level security, or a PostgreSQL-compatible server without ``COPY``: that spill fails (its
+    messages go back to their lane) and the next one inserts."""
+    import psycopg
+    from django.db import NotSupportedError, transaction
+
+    from ordered_tasks.worker.failures import bulk
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.errors.FeatureNotSupported("COPY FROM not supported with row-level security")
+
+    monkeypatch.setattr(bulk._Copy, "works", True)
+    monkeypatch.setattr(psycopg.Cursor, "copy", refuse)
+    key = same_partition_keys(1)[0]
+    row = ParkedMessage(key=key, partition=partition_for(key), position=1, reason=ParkedMessage.Reason.OVERFLOW,
+                        body=b"{}", headers={})
+    with pytest.raises(NotSupportedError), transaction.atomic():
+        bulk.insert_parked([row])
+    assert not bulk._Copy.works and "refused COPY" in caplog.text
+    assert bulk.insert_parked([row]) == 1
+    assert ParkedMessage.objects.filter(key=key).count() == 1
+
+
+@pytest.mark.django_db
+def test_the_spill_thread_parks_the_messages_as_their_tasks_read_them(wakes: list[str]) -> None:
+    """The messages are read into rows on the spill's thread: a compressed one decompressed, in order."""
+    from kombu.compression import compress
+    from kombu.message import Message
+
+    key = same_partition_keys(1)[0]
+    partition = partition_for(key)
+    messages: list[Any] = [_Message(key, seq, "r") for seq in (1, 2, 3)]
+    body, kind = compress(messages[1].body, "zlib")
+    messages[1] = Message(body=body, headers={**messages[1].headers, "compression": kind},
+                          content_type="application/json", content_encoding="utf-8")
+    assert spill.park_messages(key, partition, messages) == "retrying"
+    rows = ParkedMessage.objects.filter(key=key).order_by("position")
+    assert [json.loads(bytes(r.body))[1]["seq"] for r in rows] == [1, 2, 3]
+    assert all("compression" not in r.headers and r.reason == ParkedMessage.Reason.OVERFLOW for r in rows)
+    assert wakes == [key]
