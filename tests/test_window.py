@@ -173,10 +173,11 @@ def test_sigkill_with_a_full_window_loses_nothing_and_keeps_order(
                           timeout=60, what="progress before the kill")
         assert done < total, "the backlog drained before the kill: nothing was in flight"
         for pid in [*workers.child_pids(), workers.process.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                for grandchild in _children(pid):
-                    os.kill(grandchild, signal.SIGKILL)
-                os.kill(pid, signal.SIGKILL)
+            # Each kill on its own: a process listed a moment ago may be gone (its parent reaped it),
+            # and that must not spare the ones after it (a launcher left alive restarts its worker).
+            for target in [*_children(pid), pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(target, signal.SIGKILL)
         workers.process.wait(30)
     start_workers(1, "--pool", name, "--concurrency", str(concurrency))
     deadline = time.monotonic() + 120
