@@ -160,6 +160,12 @@ def _set_aside(channel: Any, name: str) -> int:
     return sum(int(client.llen(listed)) for listed in aside_lists(client.smembers(aside_index(name)), name).values())
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``: a launcher's workers, a worker's pool processes."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
 class Workers:
     """``manage.py ordered_worker`` running in a subprocess, as an operator starts it."""
 
@@ -207,9 +213,7 @@ class Workers:
                 waiting -= set(reply)
 
     def child_pids(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
-                             capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
+        return children(self.process.pid)
 
     def terminate(self) -> None:
         """Ask for a warm shutdown, once: the launcher takes a second signal as a cold shutdown."""

@@ -17,7 +17,7 @@ from celery import Celery
 from ordered_tasks import partition_for
 from ordered_tasks.conf import get_settings
 from ordered_tasks.queues import partition_queue
-from tests.conftest import Workers, eventually, unacknowledged_queues, wait_done
+from tests.conftest import Workers, children, eventually, unacknowledged_queues, wait_done
 from tests.support.workload import assert_in_order, assert_keys_never_overlap, publish_interleaved
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -28,8 +28,7 @@ def worker_processes(workers: Workers) -> list[int]:
     mains = workers.child_pids()
     pool = []
     for pid in mains:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-        pool.extend(int(p) for p in out.stdout.split())
+        pool.extend(children(pid))
     return mains + pool
 
 

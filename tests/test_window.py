@@ -7,7 +7,6 @@ import importlib.util
 import os
 import random
 import signal
-import subprocess
 import time
 import uuid
 from typing import Any
@@ -17,7 +16,7 @@ import redis
 from celery import Celery
 
 from ordered_tasks.conf import get_settings
-from tests.conftest import eventually, wait_done
+from tests.conftest import children, eventually, wait_done
 from tests.support.workload import (
     ORDERED,
     T,
@@ -175,7 +174,7 @@ def test_sigkill_with_a_full_window_loses_nothing_and_keeps_order(
         for pid in [*workers.child_pids(), workers.process.pid]:
             # Each kill on its own: a process listed a moment ago may be gone (its parent reaped it),
             # and that must not spare the ones after it (a launcher left alive restarts its worker).
-            for target in [*_children(pid), pid]:
+            for target in [*children(pid), pid]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target, signal.SIGKILL)
         workers.process.wait(30)
@@ -199,9 +198,6 @@ def _done(results: redis.Redis, run: str) -> int:
     return int(results.get(f"{run}:done") or 0)
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def test_a_hot_key_does_not_hold_back_the_other_keys_of_its_partition(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tests.conftest import children
 from tests.nemesis.history import Fault
 
 #: The Redis lease of a partition (a freeze longer than this loses it).
@@ -47,12 +48,6 @@ class NemesisConfig:
 
     def kinds(self) -> list[str]:
         return [name for name in self.switches() if getattr(self, name) and name != "standby"]
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (as ``Workers.child_pids`` finds a launcher's workers)."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def _signal(pids: list[int], signum: int) -> None:
