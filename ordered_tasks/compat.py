@@ -65,6 +65,14 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     Private("kombu.asynchronous.hub:Hub", "_create_poller", ()),
     Private("kombu.asynchronous.hub:Hub", "_poller"),
     Private("kombu.asynchronous.hub:Hub", "_ready"),
+    # RabbitMQ: frames read ahead, acknowledgements written together (ordered_tasks.worker.transport.frames).
+    # Public names, but not documented: py-amqp's connection makes its transport with this method,
+    # and the transport's frames go through these two.
+    Private("amqp.connection:Connection", "Transport",
+            ("host", "connect_timeout", "ssl", "read_timeout", "write_timeout", "socket_settings")),
+    Private("amqp.transport:TCPTransport", "read_frame", ("unpack",)),
+    Private("amqp.transport:TCPTransport", "write", ("s",)),
+    Private("kombu.transport.pyamqp:Transport", "on_readable", ("connection", "loop")),
     # The worker request that parks what Celery would drop (ordered_tasks.worker.failures.request).
     Private("celery.worker.request:Request", "_announce_revoked",
             ("reason", "terminated", "signum", "expired")),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
+from amqp.exceptions import RecoverableConnectionError
 from kombu.transport import pyamqp
 
 from ...conf import get_settings
@@ -13,6 +15,7 @@ from ..redelivery.ledger import flush_completions
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import new_lanes
 from ..setup import ordered_worker
+from ..transport.frames import BatchingTransport, frame_waits, reading_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +101,18 @@ class Channel(pyamqp.Channel):  # type: ignore[misc]
 
 
 class Connection(pyamqp.Connection):  # type: ignore[misc]
-    """Kombu's py-amqp connection, with the channels of an ordered worker."""
+    """Kombu's py-amqp connection, with the channels of an ordered worker; over TCP it reads ahead."""
 
     Channel = Channel
+
+    def Transport(self, host: str, connect_timeout: Any, ssl: Any = False, read_timeout: Any = None,
+                  write_timeout: Any = None, socket_settings: Any = None, **kwargs: Any) -> Any:
+        """py-amqp's transport for the connection; over TCP one that reads ahead and writes acks together."""
+        if ssl:
+            return super().Transport(host, connect_timeout, ssl, read_timeout, write_timeout,
+                                     socket_settings=socket_settings, **kwargs)
+        return BatchingTransport(host, connect_timeout=connect_timeout, ssl=ssl, read_timeout=read_timeout,
+                                  write_timeout=write_timeout, socket_settings=socket_settings, **kwargs)
 
 
 #: Deliveries already received that one drain hands on at most, after the one it waited for.
@@ -133,6 +145,30 @@ class Transport(DrainsWhatArrived, pyamqp.Transport):  # type: ignore[misc]
     """Kombu's py-amqp transport, with the channels of an ordered worker."""
 
     Connection = Connection
+
+    def on_readable(self, connection: Any, loop: Any) -> None:
+        """The event loop's read: every delivery already read ahead, then on while the socket has more.
+
+        Kombu's reader hands on one delivery per turn of the loop and relies
+        on the socket staying readable for the next; frames read ahead (see
+        ``ordered_tasks.worker.transport.frames``) are no longer in the
+        socket, so they are all handed on here, and the turn ends with none
+        left whole in the buffer.
+        """
+        if not connection.connected:
+            raise RecoverableConnectionError("Socket was disconnected")
+        try:
+            with reading_ahead(connection):
+                connection.drain_events(timeout=0)
+                while frame_waits(connection):
+                    connection.drain_events(timeout=0)
+        except TimeoutError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EINTR):
+                return
+            raise
+        loop.call_soon(self.on_readable, connection, loop)
 
 
 class SSLTransport(DrainsWhatArrived, pyamqp.SSLTransport):  # type: ignore[misc]

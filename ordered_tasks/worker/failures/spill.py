@@ -17,6 +17,7 @@ from ..pooled import SIDE
 from ..sequencing.handoff import LOOP
 from ..sequencing.lanes import Entry, Lanes
 from ..sequencing.window import worker_running
+from ..transport.frames import written_together
 from . import store
 from .book import BOOK
 
@@ -71,15 +72,15 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
 
     def acknowledge() -> None:
         logger.debug("Parked %d waiting messages of key %r of partition %s.", len(batch), key, partition)
-        for entry in batch:
-            if lanes.entry(entry.tag) is not entry:
-                continue  # the partition went back to its queue meanwhile: the copy is recognised
-            try:
-                entry.message.ack()
-            except Exception as exc:  # the connection closed: the copy that comes back is recognised
-                logger.warning("Could not acknowledge spilled message %s (%r); its copy that comes "
-                               "back is recognised as parked.", entry.tag, exc)
-                lanes.settled(entry.tag)
+        channel = getattr(batch[0].message, "channel", None)
+        try:
+            # RabbitMQ: the batch's acknowledgements in one write, not one each (see transport.frames).
+            with written_together(getattr(channel, "connection", None)):
+                for entry in batch:
+                    _acknowledge(lanes, entry)
+        except Exception as exc:  # the connection closed: the copies that come back are recognised
+            logger.warning("Could not acknowledge %d spilled messages (%r); their copies that come back "
+                           "are recognised as parked.", len(batch), exc)
 
     def done(_status: str) -> None:
         if worker_running():
@@ -94,6 +95,18 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
     # Not in the pool, whose queue may hold whole windows of tasks ahead of the spill (and the
     # partition's other keys wait for it), but on the side thread, one batch after the other.
     SIDE.submit(park_messages, (key, partition, messages, fence, tenure, app), done=done, failed=failed)
+
+
+def _acknowledge(lanes: Lanes, entry: Entry) -> None:
+    """Acknowledge a parked message, unless its partition went back to its queue meanwhile."""
+    if lanes.entry(entry.tag) is not entry:
+        return  # its copy that comes back is recognised as parked
+    try:
+        entry.message.ack()
+    except Exception as exc:  # the connection closed: the copy that comes back is recognised
+        logger.warning("Could not acknowledge spilled message %s (%r); its copy that comes back is "
+                       "recognised as parked.", entry.tag, exc)
+        lanes.settled(entry.tag)
 
 
 def park_messages(key: str, partition: int, messages: list[Any], fence: int | None = None,
