@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,14 @@ def results() -> redis.Redis:
 def broker(request: pytest.FixtureRequest) -> str:
     url = BROKERS[request.param]
     require(url, 6379 if url.startswith("redis") else 5672, request.param)
+    return url
+
+
+@pytest.fixture
+def rabbitmq() -> str:
+    """RabbitMQ's URL (skipped locally, a failure in CI, when it does not answer)."""
+    url = BROKERS["rabbitmq"]
+    require(url, 5672, "rabbitmq")
     return url
 
 
@@ -286,6 +294,20 @@ def wait_done(results: redis.Redis, run: str, total: int, timeout: float = 120.0
             return done
         time.sleep(0.05)
     return int(results.get(f"{run}:done") or 0)
+
+
+def publish_and_consume(channel: Any, queue: Queue, bodies: Iterable[Any],
+                        callback: Callable[[Any, Any], Any]) -> Any:
+    """Declare ``queue`` on ``channel``, publish ``bodies`` to it (JSON), and consume it with ``callback``."""
+    from kombu import Consumer, Producer
+
+    queue(channel).declare()
+    producer = Producer(channel)
+    for body in bodies:
+        producer.publish(body, routing_key=queue.name)
+    consumer = Consumer(channel, [queue], callbacks=[callback], accept=["json"])
+    consumer.consume()
+    return consumer
 
 
 def holding_consumer(channel: Any, queues: list[Queue]) -> tuple[Any, list[Any], Callable[[], None]]:

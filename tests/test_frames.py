@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from amqp.exceptions import UnexpectedFrame
 from amqp.transport import TCPTransport
-from kombu import Connection, Consumer, Producer, Queue
+from kombu import Connection, Queue
 from kombu.asynchronous.hub import Hub
 
 from ordered_tasks.worker.transport.frames import BatchingTransport
-from tests.services import BROKERS, require
+from tests.conftest import publish_and_consume
 
 
 def frame(frame_type: int, channel: int, payload: bytes, end: int = 0xCE) -> bytes:
@@ -176,22 +176,17 @@ def test_what_a_failing_block_wrote_is_sent_all_the_same() -> None:
     assert sock.sent == [b"ack 1"]
 
 
-def test_the_spill_acknowledges_a_batch_in_one_write(rabbitmq_url: str) -> None:
+def test_the_spill_acknowledges_a_batch_in_one_write(rabbitmq: str) -> None:
     """Parked messages' acknowledgements leave in one write, and RabbitMQ takes each of them."""
     from ordered_tasks.worker.exclusivity.rabbitmq import Transport
     from ordered_tasks.worker.transport.frames import written_together
 
     queue = Queue(f"acks-{uuid.uuid4().hex[:6]}", durable=False)
-    with Connection(rabbitmq_url, transport=Transport) as connection:
+    with Connection(rabbitmq, transport=Transport) as connection:
         channel = connection.channel()
-        queue(channel).declare()
-        producer = Producer(channel)
-        for n in range(20):
-            producer.publish({"n": n}, routing_key=queue.name)
         held: list[Any] = []
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: held.append(message)],
-                            accept=["json"])
-        consumer.consume()
+        consumer = publish_and_consume(channel, queue, ({"n": n} for n in range(20)),
+                                       lambda body, message: held.append(message))
         deadline = time.monotonic() + 5
         while len(held) < 20:
             assert time.monotonic() < deadline, f"{len(held)} of 20 delivered"
@@ -208,7 +203,7 @@ def test_the_spill_acknowledges_a_batch_in_one_write(rabbitmq_url: str) -> None:
         transport._write = real
         consumer.cancel()
         channel.close()
-    with Connection(rabbitmq_url) as check:
+    with Connection(rabbitmq) as check:
         # The acknowledged half is gone; the other half came back when the connection closed.
         bound = queue(check.default_channel)
         try:
@@ -217,15 +212,8 @@ def test_the_spill_acknowledges_a_batch_in_one_write(rabbitmq_url: str) -> None:
             bound.delete()
 
 
-@pytest.fixture
-def rabbitmq_url() -> str:
-    url = BROKERS["rabbitmq"]
-    require(url, 5672, "rabbitmq")
-    return url
-
-
 @pytest.mark.integration
-def test_the_event_loop_hands_on_every_delivery_read_ahead() -> None:
+def test_the_event_loop_hands_on_every_delivery_read_ahead(rabbitmq: str) -> None:
     """Deliveries read ahead are no longer in the socket: the loop must not wait for it to be readable again.
 
     Kombu's reader hands on one delivery per turn; with a plain Hub and no
@@ -233,20 +221,13 @@ def test_the_event_loop_hands_on_every_delivery_read_ahead() -> None:
     """
     from ordered_tasks.worker.exclusivity.rabbitmq import Transport
 
-    url = BROKERS["rabbitmq"]
-    require(url, 5672, "rabbitmq")
     queue = Queue(f"ahead-{uuid.uuid4().hex[:6]}", auto_delete=True)
     count = 300
-    with Connection(url, transport=Transport) as connection:
+    with Connection(rabbitmq, transport=Transport) as connection:
         channel = connection.channel()
-        queue(channel).declare()
-        producer = Producer(channel)
-        for n in range(count):
-            producer.publish({"n": n, "pad": "x" * 200}, routing_key=queue.name)
         held: list[int] = []
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: held.append(body["n"])],
-                            accept=["json"])
-        consumer.consume()
+        publish_and_consume(channel, queue, ({"n": n, "pad": "x" * 200} for n in range(count)),
+                            lambda body, message: held.append(body["n"]))
         time.sleep(0.3)  # the deliveries arrive in the socket together
         assert isinstance(connection.connection.transport, BatchingTransport)
         hub = Hub()

@@ -11,16 +11,9 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from tests.services import BROKERS, require
+from tests.conftest import publish_and_consume
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def rabbitmq() -> str:
-    url = BROKERS["rabbitmq"]
-    require(url, 5672, "rabbitmq")
-    return url
 
 
 def partition_queues(count: int) -> list[Queue]:
@@ -91,14 +84,9 @@ def test_one_drain_hands_on_every_delivery_that_arrived(rabbitmq: str, transport
     queue = Queue(f"drain-{uuid.uuid4().hex[:6]}", auto_delete=True)
     with Connection(rabbitmq, transport=Transport if transport == "ordered" else None) as connection:
         channel = connection.channel()
-        queue(channel).declare()
-        producer = Producer(channel)
-        for n in range(10):
-            producer.publish({"n": n}, routing_key=queue.name)
         held: list[Any] = []
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: held.append(body["n"])],
-                            accept=["json"])
-        consumer.consume()
+        publish_and_consume(channel, queue, ({"n": n} for n in range(10)),
+                            lambda body, message: held.append(body["n"]))
         deadline = time.monotonic() + 5
         while not held:  # the first delivery may take a moment to arrive
             assert time.monotonic() < deadline, "nothing was delivered"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 from amqp.exceptions import RecoverableConnectionError
@@ -15,7 +16,7 @@ from ..redelivery.ledger import flush_completions
 from ..sequencing.lanes import Lanes
 from ..sequencing.window import new_lanes
 from ..setup import ordered_worker
-from ..transport.frames import BatchingTransport, frame_waits, reading_ahead
+from ..transport.frames import BatchingTransport, batching
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +158,11 @@ class Transport(DrainsWhatArrived, pyamqp.Transport):  # type: ignore[misc]
         """
         if not connection.connected:
             raise RecoverableConnectionError("Socket was disconnected")
+        transport = batching(connection)
         try:
-            with reading_ahead(connection):
+            with transport.ahead() if transport is not None else nullcontext():
                 connection.drain_events(timeout=0)
-                while frame_waits(connection):
+                while transport is not None and transport.has_frame():
                     connection.drain_events(timeout=0)
         except TimeoutError:
             return

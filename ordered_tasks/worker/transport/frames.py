@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from struct import unpack_from
 from typing import Any
 
@@ -35,10 +35,11 @@ class BatchingTransport(TCPTransport):  # type: ignore[misc]
     threads drained I/O-bound tasks 4% to 13% faster with both changes.
 
     **Reads.** While :attr:`reading_ahead` is set (the event loop's reader
-    sets it, and hands on every frame read before it returns: see
-    ``on_readable`` of ``ordered_tasks.worker.exclusivity.rabbitmq.Transport``),
-    a read takes everything that arrived, up to :data:`READ_AHEAD` bytes,
-    and frames are cut from that buffer. Any other read (py-amqp waiting for a reply, the
+    sets it with :meth:`ahead`, and hands on every frame read before it
+    returns: see ``on_readable`` of
+    ``ordered_tasks.worker.exclusivity.rabbitmq.Transport``), a read takes
+    everything that arrived, up to :data:`READ_AHEAD` bytes, and frames are
+    cut from that buffer. Any other read (py-amqp waiting for a reply, the
     handshake, a green pool's drain) takes only what its frame needs, as
     py-amqp does: nothing would hand on what it read beyond, which would
     wait, unseen by the event loop, until more arrived on the socket. A
@@ -123,6 +124,15 @@ class BatchingTransport(TCPTransport):  # type: ignore[misc]
             super().write(data)
 
     @contextmanager
+    def ahead(self) -> Iterator[None]:
+        """Let reads take all that arrived; the caller hands on every whole frame read (:meth:`has_frame`)."""
+        self.reading_ahead = True
+        try:
+            yield
+        finally:
+            self.reading_ahead = False
+
+    @contextmanager
     def together(self) -> Iterator[None]:
         """Send the frames this thread writes meanwhile in one ``send``, as the block ends.
 
@@ -148,32 +158,13 @@ class BatchingTransport(TCPTransport):  # type: ignore[misc]
                 held.frames = None
 
 
-@contextmanager
-def written_together(connection: Any) -> Iterator[None]:
+def batching(connection: Any) -> BatchingTransport | None:
+    """The transport of a py-amqp ``connection`` if it is a :class:`BatchingTransport`, else None."""
+    transport = getattr(connection, "transport", None)
+    return transport if isinstance(transport, BatchingTransport) else None
+
+
+def written_together(connection: Any) -> AbstractContextManager[None]:
     """:meth:`BatchingTransport.together` for a py-amqp ``connection``; a no-op on other transports."""
-    transport = getattr(connection, "transport", None)
-    if isinstance(transport, BatchingTransport):
-        with transport.together():
-            yield
-    else:
-        yield
-
-
-@contextmanager
-def reading_ahead(connection: Any) -> Iterator[None]:
-    """Let the reads of a py-amqp ``connection`` take all that arrived; the caller hands on all it read."""
-    transport = getattr(connection, "transport", None)
-    if not isinstance(transport, BatchingTransport):
-        yield
-        return
-    transport.reading_ahead = True
-    try:
-        yield
-    finally:
-        transport.reading_ahead = False
-
-
-def frame_waits(connection: Any) -> bool:
-    """Whether a whole frame of ``connection`` was read ahead and waits to be handed on."""
-    transport = getattr(connection, "transport", None)
-    return isinstance(transport, BatchingTransport) and transport.has_frame()
+    transport = batching(connection)
+    return transport.together() if transport is not None else nullcontext()
