@@ -28,6 +28,7 @@ from ordered_tasks.worker.delivery import Delivery
 from ordered_tasks.worker.exclusivity.fencing import DEADLINES, FENCE
 from ordered_tasks.worker.failures.book import BOOK
 from ordered_tasks.worker.failures.control import apply_control, wake
+from ordered_tasks.worker.sequencing.claims import CLAIMS, Begin, Claims
 from tests.conftest import eventually
 from tests.support.workload import fail, ran, same_partition_keys
 from tests.testapp.celery import app as celery_app
@@ -723,3 +724,47 @@ def test_a_count_goes_on_when_a_dead_process_left_the_counters_locked(monkeypatc
     assert not counting.is_alive(), "the count is still waiting for the lock"
     assert stamps[0][0] == before[0] + 1
     assert "counting without it" in caplog.text
+
+
+@pytest.fixture
+def claims(monkeypatch: pytest.MonkeyPatch) -> Iterator[Claims]:
+    """The process's claims, as with a pool that runs tasks in this process (restored after)."""
+    monkeypatch.setattr(CLAIMS, "enabled", True)
+    yield CLAIMS
+    CLAIMS._by_id.clear()
+
+
+def _taken_back(claims: Claims, task_id: str, outcome: Begin) -> None:
+    claim = claims.new(task_id)
+    assert claim is not None and claim.withdraw()
+    claim.resolve(outcome)
+
+
+def test_a_task_a_spill_took_back_and_parked_ends_without_running_or_a_query(
+        app: Celery, run: str, results: redis.Redis, claims: Claims, django_assert_num_queries: Any) -> None:
+    key = same_partition_keys(1)[0]
+    _taken_back(claims, "taken", Begin.PARKED)
+    with django_assert_num_queries(0):
+        info = deliver(app, "strict_step", key, 1, run, task_id="taken")
+    assert info is not None and info.state == "IGNORED"  # acknowledged: its parked row runs it later
+    assert ran(results, run, key) == [] and len(claims) == 0
+    assert deliver(app, "strict_step", key, 2, run, task_id="next") is None  # no claim: it runs
+    assert ran(results, run, key) == [2]
+
+
+def test_a_task_whose_spill_failed_runs_unless_the_spill_wrote_it_after_all(
+        app: Celery, run: str, results: redis.Redis, claims: Claims, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ordered_tasks.worker.failures import spill
+    from tests.test_spill import _Message
+
+    monkeypatch.setattr(spill, "publish_wake", lambda app, key, due: None)
+    key, other = same_partition_keys(2)
+    message = _Message(key, 1, run)
+    spill.park_messages(key, partition_for(key), [message])  # written, then the spill "failed"
+    _taken_back(claims, message.headers["id"], Begin.CHECK)
+    info = deliver(app, "strict_step", key, 1, run, task_id=message.headers["id"])
+    assert info is not None and info.state == "IGNORED"  # recognised as parked: not run twice
+    _taken_back(claims, "not-written", Begin.CHECK)
+    assert deliver(app, "strict_step", other, 1, run, task_id="not-written") is None
+    assert ran(results, run, key) == [] and ran(results, run, other) == [1]
+    assert ParkedMessage.objects.filter(key=key).count() == 1

@@ -13,6 +13,7 @@ from kombu.asynchronous import Hub
 from kombu.compression import compress
 from kombu.message import Message
 
+from ordered_tasks.worker.sequencing.claims import Begin, Claims, runs_in_process
 from ordered_tasks.worker.sequencing.handoff import LoopCalls
 from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes
 from ordered_tasks.worker.sequencing.window import lane_key
@@ -571,3 +572,199 @@ def test_a_copy_of_a_task_still_running_in_this_worker_is_recognised(monkeypatch
     assert _still_running_here(SimpleNamespace(headers={"id": "task-1"}))
     assert not _still_running_here(SimpleNamespace(headers={"id": "task-2"}))
     assert not _still_running_here(SimpleNamespace(headers=None))
+
+
+class Claiming(Spilling):
+    """Spilling lanes whose messages carry claims, as with a pool that runs tasks in this process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = Claims()
+        self.claims.enabled = True
+
+    def admit(self, tag: str, key: str | None, partition: int = 0, control: bool = False,
+              spillable: bool = True) -> None:
+        claim = self.claims.new(tag) if spillable and not control else None
+        self.lanes.admit(tag, partition, key, lambda: self.started.append(tag), control=control,
+                         spillable=spillable, claim=claim)
+
+
+def test_a_crowded_key_takes_its_started_message_that_has_not_begun_and_parks_it_first() -> None:
+    rec = Claiming()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    assert rec.started == ["a0"]  # started: it waits in the pool's queue, not begun
+    assert rec.spills == [("a", ["a0", "a1", "a2", "a3"])]  # taken back, at the head of the batch
+    assert rec.lanes.is_running("a0") and rec.lanes.entry("a0").withdrawn  # type: ignore[union-attr]
+    rec.admit("a4", "a")
+    assert len(rec.spills) == 1  # the batch is being stored: a4 waits for it
+    for entry in rec.batches[0]:
+        if entry.claim is not None:  # type: ignore[attr-defined]
+            entry.claim.resolve(Begin.PARKED)  # type: ignore[attr-defined]
+    assert rec.claims.begin("a0") is Begin.PARKED  # its task ends without running
+    rec.acknowledge(["a1", "a2", "a3"])  # the spill acknowledges the waiting ones only
+    assert rec.spills[-1] == ("a", ["a4"])  # the key is held: parked as it comes, behind a0
+    rec.lanes.settled("a0")  # its task ended: acknowledged
+    rec.acknowledge(["a4"])
+    rec.admit("wake", "a", control=True)
+    assert rec.started == ["a0", "wake"]
+    assert len(rec.claims) == 0  # every claim forgotten once its message began or settled
+
+
+def test_a_started_message_that_began_in_the_pool_is_not_taken_back() -> None:
+    rec = Claiming()
+    rec.admit("a0", "a")
+    assert rec.claims.begin("a0") is Begin.RUN
+    for n in range(1, 5):
+        rec.admit(f"a{n}", "a")
+    assert rec.spills == []  # its key's messages wait for it, as without claims
+    rec.lanes.settled("a0")
+    assert rec.spills == [("a", ["a1", "a2", "a3", "a4"])]
+
+
+def test_a_message_without_a_claim_or_not_spillable_is_not_taken_back() -> None:
+    rec = Claiming()
+    rec.lanes.admit("a0", 0, "a", lambda: rec.started.append("a0"))  # a pool in another process
+    for n in range(1, 4):
+        rec.admit(f"a{n}", "a")
+    assert rec.spills == []
+    rec.admit("b0", "b", spillable=False)  # a redelivered copy goes through the guard
+    for n in range(1, 4):
+        rec.admit(f"b{n}", "b")
+    assert rec.spills == []
+
+
+def test_a_failed_spill_lets_its_taken_message_run_as_a_redelivered_copy_ahead_of_the_batch() -> None:
+    rec = Claiming()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    assert rec.spills == [("a", ["a0", "a1", "a2", "a3"])]
+    rec.lanes.spill_failed(0, "a", rec.batches[0])  # type: ignore[arg-type]
+    assert rec.claims.begin("a0") is Begin.CHECK  # it runs, once the guard asked whether it was parked
+    assert rec.started == ["a0"]  # the batch waits behind it, not beside it
+    assert not rec.lanes.entry("a0").withdrawn  # type: ignore[union-attr]
+    rec.admit("a4", "a")
+    assert len(rec.spills) == 1  # it is the key's running message again, and began: no spill
+    for n in range(5):
+        rec.lanes.settled(f"a{n}")
+    assert rec.started == ["a0", "a1", "a2", "a3", "a4"]
+
+
+def test_a_taken_message_whose_partition_was_dropped_still_learns_how_its_spill_went() -> None:
+    rec = Claiming()
+    for n in range(4):
+        rec.admit(f"a{n}", "a")
+    rec.lanes.drop_partition(0)
+    assert len(rec.claims) == 1  # only the taken one: its task must learn the spill's outcome
+    rec.lanes.spill_failed(0, "a", rec.batches[0])  # the new tenure: nothing was written
+    assert rec.claims.begin("a0") is Begin.CHECK and len(rec.claims) == 0
+
+
+def test_random_interleavings_with_taken_back_messages_keep_each_key_in_order() -> None:
+    """As the test above, with claims: a started message that has not begun may head a batch.
+
+    Per key, what ran or was parked keeps the delivery order, and nothing
+    runs beside another of its key, whichever of the pool and the spill takes
+    a started message first."""
+    rng = random.Random(23)
+    taken_back = 0
+    for _round in range(300):
+        rec = Claiming()
+        handled: dict[str, list[int]] = {}
+        queued: list[str] = []  # started, not begun
+        active: list[str] = []  # begun (running in the pool)
+        parked_heads: list[str] = []  # began, found themselves parked: acknowledged by their task
+
+        def spill(partition: int, key: str, batch: list[Any], rec: Claiming = rec,
+                  active: list[str] = active) -> None:
+            assert not any(t.startswith(f"{key}:") for t in active), f"{key} spilled beside a running one"
+            rec.batches.append(batch)
+
+        rec.lanes.spill = spill  # type: ignore[assignment]
+
+        def start(tag: str, queued: list[str] = queued) -> None:
+            queued.append(tag)
+
+        delivered = 0
+        for _step in range(100):
+            roll = rng.random()
+            if rec.batches and roll < 0.15:
+                batch = rec.batches.pop(0)
+                for entry in batch:
+                    handled.setdefault(str(entry.key), []).append(int(str(entry.tag).split(":")[1]))
+                ok = rng.random() < 0.8
+                for entry in batch:
+                    if entry.claim is not None:
+                        entry.claim.resolve(Begin.PARKED if ok else Begin.CHECK)
+                if ok:
+                    taken_back += any(e.started for e in batch)
+                    rec.acknowledge([str(e.tag) for e in batch if not e.started])
+                else:
+                    for entry in batch:
+                        handled[str(entry.key)].pop()
+                    rec.lanes.spill_failed(0, str(batch[0].key), batch)
+            elif queued and roll < 0.45:  # the pool begins a started message
+                tag = queued.pop(rng.randrange(len(queued)))
+                entry = rec.lanes.entry(tag)
+                if entry is not None and entry.withdrawn and entry.claim is not None \
+                        and entry.claim._outcome is None:
+                    queued.append(tag)  # its task would wait for the spill: begin it later
+                    continue
+                begin = rec.claims.begin(tag)
+                if begin is Begin.PARKED:
+                    parked_heads.append(tag)
+                    continue
+                key, number = tag.split(":")
+                assert not any(t.startswith(f"{key}:") for t in active), f"{tag} beside another of its key"
+                active.append(tag)
+                handled.setdefault(key, []).append(int(number))
+            elif (active or parked_heads) and roll < 0.7:
+                pool = active if active and (not parked_heads or rng.random() < 0.7) else parked_heads
+                rec.lanes.settled(pool.pop(rng.randrange(len(pool))))
+            else:
+                key = rng.choice(["a", "a", "a", "b"])
+                tag = f"{key}:{delivered}"
+                delivered += 1
+                rec.lanes.admit(tag, 0, key, lambda tag=tag: start(tag), claim=rec.claims.new(tag))
+        for key, numbers in handled.items():
+            assert numbers == sorted(numbers), (key, numbers)
+    assert taken_back > 50  # the interleavings did take started messages back
+
+
+def test_claims_are_made_only_when_enabled_and_once_per_task_id() -> None:
+    claims = Claims()
+    assert claims.new("t1") is None  # a pool in another process: its tasks cannot see a claim
+    claims.enabled = True
+    assert claims.new("t1") is not None
+    assert claims.new("t1") is None  # a second message of the same id is never taken back
+    assert claims.new(None) is None and claims.new("") is None
+    assert claims.begin("unknown") is Begin.RUN
+
+
+def test_a_task_taken_back_waits_for_its_spill_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ordered_tasks.worker.sequencing import claims as claims_module
+
+    monkeypatch.setattr(claims_module, "OUTCOME_WAIT", 0.05)  # says so every 0.05 s while it waits
+    claims = Claims()
+    claims.enabled = True
+    claim = claims.new("t1")
+    assert claim is not None and claim.withdraw()
+    assert not claim.withdraw()
+    got: list[Begin] = []
+    thread = threading.Thread(target=lambda: got.append(claims.begin("t1")))
+    thread.start()
+    time.sleep(0.2)
+    assert got == []  # the spill has not ended
+    claim.resolve(Begin.PARKED)
+    claim.resolve(Begin.CHECK)  # a second outcome changes nothing
+    thread.join(5)
+    assert got == [Begin.PARKED] and claim.withdrawn
+
+
+def test_only_pools_that_run_tasks_in_this_process_get_claims() -> None:
+    from celery.concurrency.prefork import TaskPool as Prefork
+    from celery.concurrency.solo import TaskPool as Solo
+    from celery.concurrency.thread import TaskPool as Threads
+
+    assert runs_in_process(Threads.__new__(Threads)) and runs_in_process(Solo.__new__(Solo))
+    assert not runs_in_process(Prefork.__new__(Prefork)) and not runs_in_process(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import random
 import signal
@@ -241,3 +242,46 @@ def test_a_hot_key_does_not_hold_back_the_other_keys_of_its_partition(
         return
     eventually(lambda: status(hot) == "active", timeout=10, what="the hot key active again")
     assert not ParkedMessage.objects.filter(key=hot).exists()
+
+
+def test_a_keys_first_message_still_waiting_in_a_busy_pool_is_parked_ahead_of_its_crowd(
+        app: Celery, start_workers: Any, results: redis.Redis) -> None:
+    """The threads pool is busy with other partitions' slow tasks when a burst of one key crowds its
+    partition's window: the key's first message was started and waits in the pool's queue. The spill
+    takes it back and parks it ahead of the others at once, rather than waiting for it to run; then
+    the key runs in order behind its wake-up."""
+    from ordered_tasks import partition_for
+    from ordered_tasks.models import ParkedMessage
+
+    if app.conf.broker_url.startswith("redis"):
+        pytest.skip("on Redis the fetch sets a busy key's messages aside in the broker: nothing spills")
+    run = uuid.uuid4().hex
+    crowded = f"acct-{uuid.uuid4().hex[:8]}"
+    busy: list[str] = []
+    n = 0
+    while len(busy) < 40:  # keys of the other partitions
+        n += 1
+        if partition_for(f"{crowded}-busy-{n}") != partition_for(crowded):
+            busy.append(f"{crowded}-busy-{n}")
+    task = app.tasks[ORDERED]
+    burst = 30
+    with app.producer_or_acquire() as producer:
+        for key in busy:  # 40 x 0.25 s on 2 threads: the pool's queue is 5 s deep
+            task.apply_async(kwargs={"run": run, "key": key, "seq": 1, "sleep": 0.25}, producer=producer)
+    start_workers(1, "--pool", "threads", "--concurrency", "2")
+    eventually(lambda: sum(len(ran(results, run, key)) for key in busy) >= 2, timeout=20,
+               what="the busy keys running")
+    with app.producer_or_acquire() as producer:  # behind about 36 busy tasks in the pool's queue
+        for seq in range(1, burst + 1):
+            task.apply_async(kwargs={"run": run, "key": crowded, "seq": seq, "sleep": 0.0}, producer=producer)
+    eventually(lambda: ParkedMessage.objects.filter(key=crowded).count() >= 9, timeout=20,
+               what="the crowded key's messages parked")
+    assert ran(results, run, crowded) == [], "the spill waited for the key's first message to run"
+    first = ParkedMessage.objects.filter(key=crowded).order_by("position").first()
+    assert first is not None and json.loads(bytes(first.body))[1]["seq"] == 1  # parked first
+    eventually(lambda: len(ran(results, run, crowded)) == burst, timeout=60, what="the crowded key")
+    assert ran(results, run, crowded) == list(range(1, burst + 1))
+    eventually(lambda: all(ran(results, run, key) == [1] for key in busy), timeout=60, what="the busy keys")
+    assert_keys_never_overlap(results, run)
+    eventually(lambda: status(crowded) == "active", timeout=10, what="the crowded key active again")
+    assert not ParkedMessage.objects.filter(key=crowded).exists()

@@ -28,6 +28,7 @@ from .failures.unrunnable import hand_over, partition_of_message
 from .health import metrics
 from .health.figures import FIGURES
 from .redelivery.ledger import acknowledged_here
+from .sequencing.claims import CLAIMS, runs_in_process
 from .sequencing.handoff import LOOP
 from .sequencing.window import SPILL, admit, hand_back_in_place
 from .setup import ordered_worker
@@ -176,6 +177,7 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         """
         handle = super().create_task_handler(*args, **kwargs)
         LOOP.attach(getattr(self, "hub", None))
+        CLAIMS.enabled = runs_in_process(getattr(self, "pool", None))  # a spill may take a queued task
         acknowledged_here()  # tasks run in this process note their completions until acknowledged
         SPILL.handler = functools.partial(spill_over, self)
 

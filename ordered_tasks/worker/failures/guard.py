@@ -24,6 +24,7 @@ from ...states import KeyStatus
 from ..delivery import NO_KEY, RERUN_ENTRY, Delivery
 from ..health import metrics
 from ..redelivery.ledger import Ledger, ledger_for
+from ..sequencing.claims import CLAIMS, Begin
 from . import store
 from .book import BOOK
 from .placement import Misfit, place
@@ -70,6 +71,9 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     replaying = REPLAYING.get()
     if replaying is not None and replaying.row.task_id != request.id:
         replaying = None
+    begin = CLAIMS.begin(request.id) if replaying is None else Begin.RUN
+    if begin is Begin.PARKED:
+        raise Parked("parked with its key's waiting messages, ahead of them, before it began")
     if replaying is not None:
         key, partition = replaying.row.key, replaying.row.partition
     else:
@@ -77,7 +81,8 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     ledger = ledger_for(task.app) if replaying is None else None
     if replaying is None:
         with requeue_unless_stored(f"message {request.id}"):
-            if _is_redelivery(request) and _handled_before(ledger, request, key, partition):
+            if ((_is_redelivery(request) or begin is Begin.CHECK)
+                    and _handled_before(ledger, request, key, partition)):
                 raise Ignore("already handled: a redelivered copy")
             held = BOOK.status(key, partition) != KeyStatus.ACTIVE
             if held:

@@ -14,6 +14,7 @@ from ..delivery import Delivery
 from ..exclusivity.fencing import DEADLINES, FENCE
 from ..health import metrics
 from ..pooled import SIDE
+from ..sequencing.claims import Begin
 from ..sequencing.handoff import LOOP
 from ..sequencing.lanes import Entry, Lanes
 from ..sequencing.window import worker_running
@@ -58,6 +59,9 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
     tenure = versions.get(partition)[1] if versions is not None else None
 
     def failed(error: Any) -> None:
+        for entry in batch:  # the withdrawn head runs after all, as a redelivered copy
+            if entry.claim is not None:
+                entry.claim.resolve(Begin.CHECK)
         logger.warning("Could not park %d waiting messages of key %r of partition %s (%s); they run "
                        "through the window one at a time instead.", len(batch), key, partition, error)
         for entry in batch:
@@ -72,10 +76,9 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
 
     def acknowledge() -> None:
         logger.debug("Parked %d waiting messages of key %r of partition %s.", len(batch), key, partition)
-        channel = getattr(batch[0].message, "channel", None)
         try:
             # RabbitMQ: the batch's acknowledgements in one write, not one each (see transport.frames).
-            with written_together(getattr(channel, "connection", None)):
+            with written_together(connection):
                 for entry in batch:
                     _acknowledge(lanes, entry)
         except Exception as exc:  # the connection closed: the copies that come back are recognised
@@ -83,12 +86,16 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
                            "are recognised as parked.", len(batch), exc)
 
     def done(_status: str) -> None:
+        for entry in batch:  # the withdrawn head: its task ends without running, and is acknowledged
+            if entry.claim is not None:
+                entry.claim.resolve(Begin.PARKED)
         if worker_running():
             LOOP.call(acknowledge)
         else:  # the loop has stopped: the copies that come back are recognised as parked
             logger.info("Parked %d waiting messages of key %r of partition %s as the worker stopped; "
                         "they come back and are recognised.", len(batch), key, partition)
 
+    connection = getattr(getattr(batch[0].message, "channel", None), "connection", None)
     messages = [entry.message for entry in batch]
     logger.debug("Key %r of partition %s has %d messages waiting: parking them.", key, partition, len(batch))
     app = getattr(worker, "app", None)
@@ -98,8 +105,11 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
 
 
 def _acknowledge(lanes: Lanes, entry: Entry) -> None:
-    """Acknowledge a parked message, unless its partition went back to its queue meanwhile."""
-    if lanes.entry(entry.tag) is not entry:
+    """Acknowledge a parked message, unless its partition went back to its queue meanwhile.
+
+    Not a withdrawn one that had been started: its task acknowledges it as it ends.
+    """
+    if lanes.entry(entry.tag) is not entry or entry.started:
         return  # its copy that comes back is recognised as parked
     try:
         entry.message.ack()

@@ -9,6 +9,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
+from .claims import Begin, Claim
+
 logger = logging.getLogger(__name__)
 
 #: The lane of a message: its partition and its key, or ``BARRIER`` for a message whose
@@ -38,6 +40,18 @@ class Entry:
     spillable: bool = True
     #: Handed to the spill instead of the pool.
     spilled: bool = False
+    #: Lets a spill of its key take it while it only waits in the pool (a pool that runs tasks in
+    #: this process); None: once started, it runs.
+    claim: Claim | None = None
+
+    @property
+    def withdrawn(self) -> bool:
+        """Started, then taken by a spill of its key before it began: its task ends once it is parked."""
+        return self.claim is not None and self.claim.withdrawn
+
+    def drop_claim(self, settled: bool = False) -> None:
+        if self.claim is not None:
+            self.claim.drop(settled)
 
 
 @dataclass
@@ -146,9 +160,10 @@ class Lanes:
         return len(self._by_tag)
 
     def admit(self, tag: Hashable, partition: int, key: str | None, start: Callable[[], Any],
-              message: Any = None, control: bool = False, spillable: bool = True) -> None:
+              message: Any = None, control: bool = False, spillable: bool = True,
+              claim: Claim | None = None) -> None:
         """A message of ``partition`` and ``key`` (``BARRIER``: unknown) was delivered."""
-        entry = Entry(tag, partition, key, start, message, control=control, spillable=spillable)
+        entry = Entry(tag, partition, key, start, message, control=control, spillable=spillable, claim=claim)
         with self._lock:
             self._by_tag[tag] = entry
             self._place(self._partitions.setdefault(partition, _Partition()), entry)
@@ -182,6 +197,7 @@ class Lanes:
             entry = self._by_tag.pop(tag, None)
             if entry is None:
                 return None
+            entry.drop_claim(settled=True)
             lanes = self._partitions.get(entry.partition)
             if lanes is not None:
                 lanes.released.discard(tag)
@@ -207,6 +223,7 @@ class Lanes:
                 return []
             followers = list(lanes.waiting.pop(entry.key, ()))
             for follower in followers:
+                follower.drop_claim()
                 self._by_tag.pop(follower.tag, None)
                 lanes.released.discard(follower.tag)
             return followers
@@ -241,7 +258,10 @@ class Lanes:
 
     def _next(self, lanes: _Partition, key: str, last: Entry) -> None:
         """``last`` of ``key`` settled: spill the key's overflow, or start its next message."""
-        if key in lanes.running or key in lanes.spilling:
+        running = lanes.running.get(key)
+        if running is not None or key in lanes.spilling:
+            if running is not None and running.withdrawn and key not in lanes.spilling:
+                self._maybe_spill(lanes, last)  # it is parked: what came meanwhile follows it
             return  # a control message still runs: a spill may go on beside it
         waiting = lanes.waiting.get(key)
         if waiting and waiting[0].control:
@@ -270,7 +290,10 @@ class Lanes:
         """Hand the waiting messages of ``entry``'s key to the spill, if the key is crowded.
 
         Only while no ordinary message of the key runs (a failure of one
-        would park it behind the spilled ones), only all of its waiting
+        would park it behind the spilled ones), or while the one that was
+        started only waits in the pool's queue and its claim lets the spill
+        take it (it is then parked first, and its task ends without running
+        once it begins; see :mod:`.claims`); only all of its waiting
         ordinary messages at once (so the parked order is the delivery
         order), and only if each of them may be parked as delivered.
         """
@@ -278,7 +301,9 @@ class Lanes:
         if self.spill is None or self.key_limit <= 0 or key is BARRIER or key in lanes.spilling:
             return False
         running = lanes.running.get(key)
-        if running is not None and not running.control:
+        if running is not None and (running.control or running.withdrawn):
+            running = None  # a control message runs beside a spill; a withdrawn one is being parked
+        if running is not None and (running.claim is None or not running.spillable):
             return False
         # A held key parks whatever waits; another only once it is crowded.
         least = 1 if key in lanes.parking else self.key_limit
@@ -290,6 +315,8 @@ class Lanes:
             return False
         if self._no_spill.get(key, 0.0) > time.monotonic() or not self.may_start():
             return False
+        if running is not None and (running.claim is None or not running.claim.withdraw()):
+            return False  # it began in the pool: its key's messages wait for it to end
         self._no_spill.pop(key, None)
         rest = deque(e for e in waiting if e.control)
         if rest:
@@ -300,7 +327,10 @@ class Lanes:
             spilled.spilled = True
             self._release(lanes, spilled)
         lanes.spilling[key] = batch
-        self._to_spill.append((entry.partition, key, list(batch)))  # a copy: settles shrink the batch
+        # A copy (settles shrink the batch), headed by the withdrawn one, which stays running here
+        # until its task ends (its acknowledgement settles it).
+        head = [running] if running is not None else []
+        self._to_spill.append((entry.partition, key, [*head, *batch]))
         return True
 
     def _release(self, lanes: _Partition, entry: Entry) -> None:
@@ -314,8 +344,13 @@ class Lanes:
         """The spill of ``batch`` failed: its messages go back to the head of their lane, in order.
 
         They then run (or are parked by the guard) one at a time as usual;
-        the key is not spilled again for :data:`SPILL_PAUSE` seconds.
+        the key is not spilled again for :data:`SPILL_PAUSE` seconds. A
+        started message the spill had withdrawn runs after all, as a
+        redelivered copy (the spill may have written it before it failed).
         """
+        for entry in batch:
+            if entry.claim is not None:
+                entry.claim.resolve(Begin.CHECK)
         with self._lock:
             lanes = self._partitions.get(partition)
             current = lanes.spilling.get(key) if lanes is not None else None
@@ -327,7 +362,8 @@ class Lanes:
             if len(self._no_spill) > 1000:  # a long outage: forget the pauses that are over
                 self._no_spill = {k: until for k, until in self._no_spill.items() if until > now}
             self._no_spill[key] = now + SPILL_PAUSE
-            back = [e for e in batch if self._by_tag.get(e.tag) is e]
+            # Not the withdrawn head: it was started, and stays the key's running message.
+            back = [e for e in batch if self._by_tag.get(e.tag) is e and not e.started]
             waiting = lanes.waiting.setdefault(key, deque())
             for entry in reversed(back):
                 entry.spilled = False
@@ -399,6 +435,7 @@ class Lanes:
                 return []
             dropped = list(lanes.entries())
             for entry in dropped:
+                entry.drop_claim()
                 if self._by_tag.get(entry.tag) is entry:
                     del self._by_tag[entry.tag]
             return dropped

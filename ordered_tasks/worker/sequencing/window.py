@@ -15,6 +15,7 @@ from ...conf import get_settings
 from ...options import KEY_HEADER, PARTITION_HEADER
 from ...routing import key_spec_for
 from ..delivery import key_of_partition
+from .claims import CLAIMS
 from .handoff import LOOP
 from .lanes import BARRIER, Entry, Lanes
 
@@ -237,8 +238,9 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
                 return True  # it waits in Redis behind its key's messages set aside
             if joined is None:  # Redis did not answer: it takes its place, and asks again before it starts
                 start = _joining_first(consumer, lanes, message, key, join, start)
-    lanes.admit(tag, partition, key, start, message, control=control,
-                spillable=not control and spillable(message, partition, key))
+    may_spill = not control and spillable(message, partition, key)
+    lanes.admit(tag, partition, key, start, message, control=control, spillable=may_spill,
+                claim=CLAIMS.new(headers.get("id")) if may_spill else None)
     return True
 
 
