@@ -81,6 +81,9 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     Private("celery.worker.request:Request", "_content_type"),
     Private("celery.worker.request:Request", "_content_encoding"),
     Private("celery.worker.request:Request", "_context"),  # the PARKED state's request, for the backend
+    # RabbitMQ: a lost connection ends the partitions' tenures at once (ordered_tasks.worker.consumer).
+    # Public, not documented: Celery's consumer calls it when the broker connection is lost.
+    Private("celery.worker.consumer.consumer:Consumer", "on_connection_error_after_connected", ("exc",)),
 )
 
 

@@ -24,9 +24,9 @@ from ordered_tasks.models import AccountState, ControlRequest, ParkedMessage, Pa
 from ordered_tasks.queues import partition_queue
 from ordered_tasks.signals import key_blocked, key_resumed
 from ordered_tasks.states import ControlAction
-from ordered_tasks.worker.delivery import Delivery
-from ordered_tasks.worker.exclusivity.fencing import DEADLINES, FENCE
-from ordered_tasks.worker.failures.book import BOOK
+from ordered_tasks.worker.delivery import TENURE_ENTRY, Delivery
+from ordered_tasks.worker.exclusivity.fencing import DEADLINES, FENCE, TENURE
+from ordered_tasks.worker.failures.book import BOOK, Versions
 from ordered_tasks.worker.failures.control import apply_control, wake
 from ordered_tasks.worker.sequencing.claims import CLAIMS, Begin, Claims
 from tests.conftest import eventually
@@ -57,7 +57,8 @@ def run() -> str:
 
 
 def deliver(app: Celery, name: str, key: str, seq: int, run: str, retries: int = 0,
-            task_id: str | None = None, redelivered: bool = False) -> Any:
+            task_id: str | None = None, redelivered: bool = False,
+            entries: dict[str, Any] | None = None) -> Any:
     """Run one message the way the worker's pool process does; return Celery's trace info."""
     task = app.tasks[T + name]
     task_id = task_id or str(uuid.uuid4())
@@ -68,7 +69,7 @@ def deliver(app: Celery, name: str, key: str, seq: int, run: str, retries: int =
         "ordered_partition": partition_for(key), "is_eager": False, "hostname": "test@host",
         "delivery_info": {"exchange": "", "routing_key": queue, "priority": None,
                           "redelivered": redelivered},
-        "ordered_content": ["application/json", "utf-8"], "args": [], "kwargs": kwargs,
+        "ordered_content": ["application/json", "utf-8"], "args": [], "kwargs": kwargs, **(entries or {}),
     }
     _, info, _, _ = trace_task(task, task_id, [], kwargs, request, app=app)
     return info
@@ -768,3 +769,47 @@ def test_a_task_whose_spill_failed_runs_unless_the_spill_wrote_it_after_all(
     assert deliver(app, "strict_step", other, 1, run, task_id="not-written") is None
     assert ran(results, run, key) == [] and ran(results, run, other) == [1]
     assert ParkedMessage.objects.filter(key=key).count() == 1
+
+
+@pytest.fixture
+def tenures(monkeypatch: pytest.MonkeyPatch) -> Versions:
+    """The worker's shared counters, as a RabbitMQ worker has them (its tenures end with a connection)."""
+    versions = Versions(get_settings().partitions)
+    monkeypatch.setattr(BOOK, "versions", versions)
+    return versions
+
+
+def test_a_message_of_a_lost_connection_does_not_start(app: Celery, run: str, results: redis.Redis,
+                                                       tenures: Versions) -> None:
+    key = f"lost-{run[:8]}"
+    partition = partition_for(key)
+    tenures.arrived(partition)
+    old = tenures.tenure(partition)
+    assert deliver(app, "strict_step", key, 1, run, entries={TENURE_ENTRY: old}) is None
+    tenures.end_tenures()  # the consumer connected again: RabbitMQ gave the queue's messages back
+    info = deliver(app, "strict_step", key, 2, run, entries={TENURE_ENTRY: old})
+    assert info is not None and info.state == "REJECTED" and info.retval.requeue  # still in the pool's queue
+    assert ran(results, run, key) == [1]
+    tenures.new_tenure()
+    tenures.arrived(partition)  # its copy arrives on the new connection
+    assert deliver(app, "strict_step", key, 2, run, entries={TENURE_ENTRY: tenures.tenure(partition)}) is None
+    assert ran(results, run, key) == [1, 2]
+
+
+def test_a_replay_begun_before_its_connection_was_lost_stops_at_its_next_message(
+        app: Celery, run: str, results: redis.Redis, tenures: Versions) -> None:
+    key = f"replay-lost-{run[:8]}"
+    partition = partition_for(key)
+    fail(results, run, key, 1, times=1)
+    for seq in (1, 2):
+        deliver(app, "strict_step", key, seq, run)
+    old = tenures.tenure(partition)
+    tenures.end_tenures()
+    token = TENURE.set(old)  # the replay's control message arrived on the lost connection
+    try:
+        assert apply_control(app, key, REPLAY, replay(key).pk) == "retrying"
+    finally:
+        TENURE.reset(token)
+    assert ran(results, run, key) == [] and AccountState.objects.get(key=key).status == "retrying"
+    assert wake(app, key, partition) == "active"  # its wake-up, on the connection of now
+    assert ran(results, run, key) == [1, 2]

@@ -768,3 +768,19 @@ def test_only_pools_that_run_tasks_in_this_process_get_claims() -> None:
 
     assert runs_in_process(Threads.__new__(Threads)) and runs_in_process(Solo.__new__(Solo))
     assert not runs_in_process(Prefork.__new__(Prefork)) and not runs_in_process(None)
+
+
+def test_nothing_more_starts_from_the_lanes_of_a_channel_that_closed() -> None:
+    from ordered_tasks.worker.sequencing.window import new_lanes
+
+    channel_open = [True]
+    lanes = new_lanes(open_=lambda: channel_open[0])
+    started: list[str] = []
+    for tag in ("a0", "a1", "b0"):
+        lanes.admit(tag, 0, tag[0], lambda tag=tag: started.append(tag))
+    assert started == ["a0", "b0"]
+    channel_open[0] = False  # the connection was lost: RabbitMQ gave a1 back to the queue
+    lanes.settled("a0")  # a task that ran on when the connection went
+    assert started == ["a0", "b0"]
+    lanes.admit("c0", 0, "c", lambda: started.append("c0"))
+    assert started == ["a0", "b0"]

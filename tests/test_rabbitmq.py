@@ -165,3 +165,14 @@ def test_the_ordered_connection_keeps_what_kombu_derived_from_the_url() -> None:
     assert tls.transport_cls == "ordered_tasks.worker.exclusivity.rabbitmq:SSLTransport" and tls.ssl
     memory: Any = made("memory://")
     assert memory.transport_cls == "memory"
+
+
+def test_a_channel_of_a_lost_connection_starts_nothing_more_from_its_lanes(ordered_connection: Any) -> None:
+    """py-amqp marks every channel of a connection it collects closed; the lanes ask the channel."""
+    channel = ordered_connection.channel()
+    kept = ordered_connection.channel()
+    assert channel.lanes.may_start() and kept.lanes.may_start()
+    channel.close()
+    assert not channel.lanes.may_start() and kept.lanes.may_start()
+    ordered_connection.connection.collect()  # what a lost connection goes through
+    assert not kept.lanes.may_start()

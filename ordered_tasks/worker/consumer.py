@@ -130,9 +130,24 @@ class OrderedConsumer(Consumer):  # type: ignore[misc]
         FIGURES.new_tenure()
         if connection.transport.driver_type == "amqp":
             metrics.connection_replaced()  # RabbitMQ may have made a standby the active consumer
+            if BOOK.versions is not None:
+                BOOK.versions.end_tenures()  # nothing the lost connection delivered starts now
             self.initial_prefetch_count = get_settings().window
             consume_declarable_queues(self.app, connection)
         return connection
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """The broker connection was lost: on RabbitMQ, nothing it delivered starts from now on.
+
+        RabbitMQ gives its unacknowledged messages back to their queues and
+        may make standbys the active consumers; the tasks still in the
+        pool's queue, and a replay running there, see that their tenure
+        ended (see ``failures.entry.refuse_from_a_lost_connection``). Again
+        at the reconnection, in :meth:`connect`.
+        """
+        if _is_amqp(self) and BOOK.versions is not None:
+            BOOK.versions.end_tenures()
+        super().on_connection_error_after_connected(exc)
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
         """The broker connection the consumer reads with, on one of ordered_tasks' transports.

@@ -29,6 +29,9 @@ CONTENT_ENTRY = "ordered_content"
 RERUN_ENTRY = "ordered_rerun"
 #: Request entry with the consumer's fencing token for the message's partition (Redis).
 FENCE_ENTRY = "ordered_fence"
+#: Request entry with the tenure of the message's partition it arrived in (RabbitMQ): a message
+#: of a connection that has since been lost does not start (see ``failures.entry``).
+TENURE_ENTRY = "ordered_tenure"
 
 
 def queue_partition(delivery_info: Mapping[str, Any] | None) -> int | None:

@@ -11,6 +11,10 @@ from contextvars import ContextVar
 #: leases), or None where there is none (RabbitMQ: single active consumer).
 FENCE: ContextVar[int | None] = ContextVar("ordered_tasks_fence", default=None)
 
+#: The tenure of its partition that the message being run arrived in (RabbitMQ), or None; a
+#: replay's messages run under their control message's.
+TENURE: ContextVar[int | None] = ContextVar("ordered_tasks_tenure", default=None)
+
 _SLOT = struct.Struct("d")
 
 

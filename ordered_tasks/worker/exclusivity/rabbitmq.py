@@ -56,9 +56,16 @@ class Channel(pyamqp.Channel):  # type: ignore[misc]
 
     @property
     def lanes(self) -> Lanes:
-        """The per-key lanes of the messages delivered on this channel."""
+        """The per-key lanes of the messages delivered on this channel.
+
+        Nothing of them starts once the channel closed (py-amqp marks every
+        channel of a lost connection closed): RabbitMQ put its messages back
+        and may have made a standby the queue's active consumer, while a task
+        of this worker that ended after the loss would otherwise start its
+        key's next message here too.
+        """
         if self._lanes is None:
-            self._lanes = new_lanes()
+            self._lanes = new_lanes(open_=lambda: bool(self.is_open))
         return self._lanes
 
     def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, a_global: bool = False,

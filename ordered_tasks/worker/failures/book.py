@@ -97,6 +97,20 @@ class Versions:
         else:
             self._arrived.difference_update(partitions)
 
+    def end_tenures(self) -> None:
+        """Main process: the broker connection was replaced (RabbitMQ); every partition's tenure ends now.
+
+        Not only at its next message: what the lost connection delivered,
+        and is still in the pool's queue (or a replay running there), must
+        not start once the queue may have another active consumer.
+        """
+        for partition in range(self.partitions):
+            self._increment(2 * partition + 1)
+
+    def tenure(self, partition: int) -> int:
+        """The count of ``partition``'s tenures."""
+        return self.get(partition)[1]
+
     def arrived(self, partition: int) -> bool:
         """Main process, before the message goes to a pool process: a message of ``partition`` arrived.
 

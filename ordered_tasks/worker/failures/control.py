@@ -18,8 +18,8 @@ from ...models import AccountState, ControlRequest, ParkedMessage
 from ...queues import queue_of_key
 from ...signals import key_resumed
 from ...states import ControlAction, KeyStatus
-from ..delivery import CONTENT_ENTRY, FENCE_ENTRY
-from ..exclusivity.fencing import FENCE
+from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, TENURE_ENTRY
+from ..exclusivity.fencing import FENCE, TENURE
 from ..health import metrics
 from ..pooled import SIDE
 from ..redelivery.ledger import ledger_for
@@ -170,6 +170,7 @@ def run_parked(app: Celery, row: ParkedMessage) -> Outcome:
                           "priority": None, "redelivered": False},
         CONTENT_ENTRY: [row.content_type, row.content_encoding],
         FENCE_ENTRY: FENCE.get(),
+        TENURE_ENTRY: TENURE.get(),
     }
     replaying = Replaying(row=row)
     token = REPLAYING.set(replaying)

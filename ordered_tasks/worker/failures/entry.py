@@ -8,9 +8,10 @@ from typing import Any, Callable
 from celery.exceptions import Reject
 
 from ...options import KEY_HEADER
-from ..delivery import FENCE_ENTRY, delivered_partition, queue_partition
-from ..exclusivity.fencing import DEADLINES, FENCE
+from ..delivery import FENCE_ENTRY, TENURE_ENTRY, delivered_partition, queue_partition
+from ..exclusivity.fencing import DEADLINES, FENCE, TENURE
 from ..health import metrics
+from .book import BOOK
 from .control import apply_control
 from .guard import requeue_unless_stored, run_guarded
 from .retry import retry_in_place
@@ -45,6 +46,27 @@ def refuse_without_lease(request: Any) -> None:
         raise Reject("the partition's lease lapsed", requeue=True)
 
 
+def refuse_from_a_lost_connection(request: Any) -> None:
+    """Hand the message back if the broker connection it arrived on was lost since (RabbitMQ).
+
+    RabbitMQ put it back in its place when the connection closed, and may
+    have made a standby the queue's active consumer, which may run it, and
+    later messages of its key, now. It stays in the pool's queue until it
+    begins, and a replay runs its parked messages one after the other: each
+    checks here. Handing it back is a no-op on the closed channel.
+    """
+    tenure = getattr(request, TENURE_ENTRY, None)
+    versions = BOOK.versions
+    if tenure is None or versions is None:
+        return
+    partition = delivered_partition(vars(request))
+    if partition is not None and versions.tenure(partition) != tenure:
+        logger.warning("Not starting %s: the broker connection it arrived on was lost, and the queue of "
+                       "partition %d gave it back to whichever consumer is active now.", request.id,
+                       partition)
+        raise Reject("the connection it arrived on was lost", requeue=True)
+
+
 class WorkerSide:
     """The worker's half of :class:`~ordered_tasks.task.GuardedTaskMixin` (named by ``WORKER_SIDE``)."""
 
@@ -53,12 +75,15 @@ class WorkerSide:
         if not delivered_in_order(request):
             return plain(*args, **kwargs)
         refuse_without_lease(request)
+        refuse_from_a_lost_connection(request)
         token = FENCE.set(getattr(request, FENCE_ENTRY, None))
+        tenure = TENURE.set(getattr(request, TENURE_ENTRY, None))
         try:
             if task.ordered_control:
                 return plain(*args, **kwargs)
             return run_guarded(task, request, args, kwargs)
         finally:
+            TENURE.reset(tenure)
             FENCE.reset(token)
 
     def retry(self, task: Any, request: Any, plain: Callable[[], Any], **how: Any) -> Any:

@@ -13,10 +13,11 @@ from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from ...models import ParkedMessage
-from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, delivered_partition
+from ..delivery import CONTENT_ENTRY, FENCE_ENTRY, RERUN_ENTRY, TENURE_ENTRY, delivered_partition
 from ..health.figures import FIGURES
 from ..sequencing.window import hand_back_in_place
 from ..setup import ordered_worker
+from .book import BOOK
 from .control import arrived
 from .retry import Parked
 from .unrunnable import hand_over
@@ -53,6 +54,8 @@ class OrderedRequest(Request):  # type: ignore[misc]
         keeper = setup.keeper if setup is not None else None
         if keeper is not None:
             entries[FENCE_ENTRY] = keeper.fence_of(partition)
+        elif BOOK.versions is not None and partition is not None:  # RabbitMQ: the connection's tenure
+            entries[TENURE_ENTRY] = BOOK.versions.tenure(partition)
 
     def acknowledge(self) -> None:
         if not self._parking:

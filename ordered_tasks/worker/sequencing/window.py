@@ -96,12 +96,16 @@ def worker_running() -> bool:
     return not (state.should_stop or state.should_terminate)
 
 
-def new_lanes() -> Lanes:
+def new_lanes(open_: Callable[[], bool] | None = None) -> Lanes:
     """The lanes of one channel: messages start on the event loop, and not once the worker shuts down.
 
-    A key's waiting messages beyond its share of the window are spilled (parked) through :data:`SPILL`.
+    Nor once ``open_`` (the channel) says False: the broker has given the
+    channel's unacknowledged messages back to their queue, and another
+    consumer may be running them. A key's waiting messages beyond its share
+    of the window are spilled (parked) through :data:`SPILL`.
     """
-    lanes = Lanes(may_start=worker_running, run_on_loop=LOOP.call, key_limit=spill_at(get_settings().window))
+    may_start = worker_running if open_ is None else (lambda: worker_running() and open_())
+    lanes = Lanes(may_start=may_start, run_on_loop=LOOP.call, key_limit=spill_at(get_settings().window))
     lanes.spill = functools.partial(SPILL, lanes)
     return lanes
 
@@ -297,7 +301,7 @@ def hand_back_in_place(consumer: Any, message: Any) -> bool:
             logger.warning("Message %s was handed back in place, and its partition has moved on since; "
                            "it comes back with the partition.", _task_id(message))
             return
-        if worker_running():
+        if lanes.may_start():  # not once the worker stops, or the channel closed
             entry.start()
 
     logger.warning("Handing message %s back in place: it runs again in %.1f s, before any later "
