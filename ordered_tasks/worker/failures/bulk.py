@@ -60,6 +60,31 @@ def insert_parked(rows: list[ParkedMessage]) -> int:
     return len(rows)
 
 
+def parked_ids(key: str, task_ids: list[str]) -> set[str]:
+    """Which of ``task_ids`` are parked (state ``parked``) under ``key``: one query, not compiled by the ORM.
+
+    A spill asks this for every batch (a copy already parked is not parked
+    twice); through the ORM the query cost about 1.2 ms more interpreter
+    time than the statement itself, more than a batch's rows.
+    """
+    if not task_ids:
+        return set()
+    connection = connections[router.db_for_write(ParkedMessage)]  # the spill's transaction
+    parked = ParkedMessage.State.PARKED
+    if connection.vendor != "postgresql":
+        return set(ParkedMessage.objects.using(connection.alias)
+                   .filter(key=key, task_id__in=task_ids, state=parked).values_list("task_id", flat=True))
+    meta, quote = ParkedMessage._meta, connection.ops.quote_name
+    column = {name: quote(str(getattr(meta.get_field(name), "column", name)))
+              for name in ("key", "state", "task_id")}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {column['task_id']} FROM {quote(str(meta.db_table))} WHERE {column['key']} = %s "
+            f"AND {column['state']} = %s AND {column['task_id']} = ANY(%s)",
+            [key, parked.value, list(task_ids)])
+        return {row[0] for row in cursor.fetchall()}
+
+
 def _copy_fields() -> list[models.Field[Any, Any]] | None:
     """The columns ``COPY`` writes, as ``bulk_create`` would; None if one needs the database's default."""
     # ``generated`` and ``db_default`` are Django 5's.

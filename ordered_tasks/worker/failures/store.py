@@ -17,7 +17,7 @@ from ...states import KeyStatus
 from ..delivery import Delivery
 from ..exclusivity.fencing import FENCE
 from ..health import metrics
-from .bulk import insert_parked
+from .bulk import insert_parked, parked_ids
 
 PARKED = ParkedMessage.State.PARKED
 Reason = ParkedMessage.Reason
@@ -130,19 +130,19 @@ def spill(key: str, partition: int, deliveries: list[Delivery],
         state = locked_state(key, partition)
         if before_write is not None:
             before_write()
-        ids = [d.task_id for d in deliveries if d.task_id]
-        known = set(ParkedMessage.objects.filter(key=key, task_id__in=ids, state=PARKED)
-                    .values_list("task_id", flat=True))
+        known = parked_ids(key, [d.task_id for d in deliveries if d.task_id])
         parked = insert_parked([  # one statement for the batch
             _new_row(state, delivery, reason=Reason.OVERFLOW) for delivery in deliveries
             if not delivery.task_id or delivery.task_id not in known])
         _count_parked(partition, Reason.OVERFLOW, parked)
         held_now = state.status == KeyStatus.ACTIVE
+        changed = ["sequence", "updated_at"]
         if held_now:
             state.epoch += 1
             state.status = KeyStatus.RETRYING
             state.retry_at = timezone.now()
-        state.save()
+            changed += ["epoch", "status", "retry_at"]
+        state.save(update_fields=changed)
     return state, held_now
 
 
