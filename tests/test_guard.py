@@ -735,8 +735,8 @@ def claims(monkeypatch: pytest.MonkeyPatch) -> Iterator[Claims]:
     CLAIMS._by_id.clear()
 
 
-def _taken_back(claims: Claims, task_id: str, outcome: Begin) -> None:
-    claim = claims.new(task_id)
+def _taken_back(claims: Claims, task_id: str, outcome: Begin, key: str) -> None:
+    claim = claims.new(task_id, key)
     assert claim is not None and claim.withdraw()
     claim.resolve(outcome)
 
@@ -744,7 +744,7 @@ def _taken_back(claims: Claims, task_id: str, outcome: Begin) -> None:
 def test_a_task_a_spill_took_back_and_parked_ends_without_running_or_a_query(
         app: Celery, run: str, results: redis.Redis, claims: Claims, django_assert_num_queries: Any) -> None:
     key = same_partition_keys(1)[0]
-    _taken_back(claims, "taken", Begin.PARKED)
+    _taken_back(claims, "taken", Begin.PARKED, key)
     with django_assert_num_queries(0):
         info = deliver(app, "strict_step", key, 1, run, task_id="taken")
     assert info is not None and info.state == "IGNORED"  # acknowledged: its parked row runs it later
@@ -762,10 +762,10 @@ def test_a_task_whose_spill_failed_runs_unless_the_spill_wrote_it_after_all(
     key, other = same_partition_keys(2)
     message = _Message(key, 1, run)
     spill.park_messages(key, partition_for(key), [message])  # written, then the spill "failed"
-    _taken_back(claims, message.headers["id"], Begin.CHECK)
+    _taken_back(claims, message.headers["id"], Begin.CHECK, key)
     info = deliver(app, "strict_step", key, 1, run, task_id=message.headers["id"])
     assert info is not None and info.state == "IGNORED"  # recognised as parked: not run twice
-    _taken_back(claims, "not-written", Begin.CHECK)
+    _taken_back(claims, "not-written", Begin.CHECK, other)
     assert deliver(app, "strict_step", other, 1, run, task_id="not-written") is None
     assert ran(results, run, key) == [] and ran(results, run, other) == [1]
     assert ParkedMessage.objects.filter(key=key).count() == 1

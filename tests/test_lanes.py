@@ -784,3 +784,14 @@ def test_nothing_more_starts_from_the_lanes_of_a_channel_that_closed() -> None:
     assert started == ["a0", "b0"]
     lanes.admit("c0", 0, "c", lambda: started.append("c0"))
     assert started == ["a0", "b0"]
+
+
+def test_a_message_of_another_key_with_the_same_task_id_does_not_take_the_claim() -> None:
+    claims = Claims()
+    claims.enabled = True
+    claim = claims.new("t1", "a")
+    assert claim is not None and claim.withdraw()
+    claim.resolve(Begin.PARKED)
+    assert claims.begin("t1", "b") is Begin.RUN  # another producer reused the id: it runs
+    assert len(claims) == 1  # the claim waits for its own message
+    assert claims.begin("t1", "a") is Begin.PARKED and len(claims) == 0

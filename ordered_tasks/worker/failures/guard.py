@@ -71,7 +71,8 @@ def run_guarded(task: Any, request: Any, args: Any, kwargs: Any) -> Any:
     replaying = REPLAYING.get()
     if replaying is not None and replaying.row.task_id != request.id:
         replaying = None
-    begin = CLAIMS.begin(request.id) if replaying is None else Begin.RUN
+    # A message that may have a claim is one whose key header agrees with its arguments.
+    begin = CLAIMS.begin(request.id, getattr(request, KEY_HEADER, None)) if replaying is None else Begin.RUN
     if begin is Begin.PARKED:
         raise Parked("parked with its key's waiting messages, ahead of them, before it began")
     if replaying is not None:

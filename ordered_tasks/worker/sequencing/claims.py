@@ -40,10 +40,11 @@ class Claim:
     lanes).
     """
 
-    __slots__ = ("_decided", "_outcome", "_registry", "_state", "task_id")
+    __slots__ = ("_decided", "_outcome", "_registry", "_state", "key", "task_id")
 
-    def __init__(self, task_id: str, registry: Claims) -> None:
+    def __init__(self, task_id: str, registry: Claims, key: str | None = None) -> None:
         self.task_id = task_id
+        self.key = key
         self._registry = registry
         self._state = "queued"
         self._outcome: Begin | None = None
@@ -107,20 +108,25 @@ class Claims:
         self.enabled = False
         self._by_id: dict[str, Claim] = {}
 
-    def new(self, task_id: Any) -> Claim | None:
-        """A claim for a message about to be started; None without one (or for a second one of an id)."""
+    def new(self, task_id: Any, key: str | None = None) -> Claim | None:
+        """A claim for a message of ``key`` about to start; None without one (or for a second of an id)."""
         if not self.enabled or not isinstance(task_id, str) or not task_id:
             return None
         with self.lock:
             if task_id in self._by_id:
                 return None
-            claim = self._by_id[task_id] = Claim(task_id, self)
+            claim = self._by_id[task_id] = Claim(task_id, self, key)
             return claim
 
-    def begin(self, task_id: Any) -> Begin:
-        """Called as a task begins in the pool: :meth:`Claim.begin` of its claim, or RUN without one."""
+    def begin(self, task_id: Any, key: str | None = None) -> Begin:
+        """Called as a task of ``key`` begins in the pool: :meth:`Claim.begin` of its claim, else RUN.
+
+        Task ids are the producer's: another message of the same id (of
+        another key, whose claim this is not) runs and leaves the claim to
+        its own message.
+        """
         claim = self._by_id.get(task_id) if isinstance(task_id, str) else None
-        return Begin.RUN if claim is None else claim.begin()
+        return Begin.RUN if claim is None or claim.key != key else claim.begin()
 
     def forget(self, claim: Claim) -> None:
         """The message began, or settled, or left the window: its id is free again."""

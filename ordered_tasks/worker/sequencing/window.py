@@ -244,7 +244,7 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
                 start = _joining_first(consumer, lanes, message, key, join, start)
     may_spill = not control and spillable(message, partition, key)
     lanes.admit(tag, partition, key, start, message, control=control, spillable=may_spill,
-                claim=CLAIMS.new(headers.get("id")) if may_spill else None)
+                claim=CLAIMS.new(headers.get("id"), key) if may_spill else None)
     return True
 
 
