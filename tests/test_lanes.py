@@ -15,7 +15,7 @@ from kombu.message import Message
 
 from ordered_tasks.worker.sequencing.claims import Begin, Claims, runs_in_process
 from ordered_tasks.worker.sequencing.handoff import LoopCalls
-from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes
+from ordered_tasks.worker.sequencing.lanes import BARRIER, Lanes, resolve_claims
 from ordered_tasks.worker.sequencing.window import lane_key
 
 
@@ -405,41 +405,60 @@ def test_a_failed_spill_puts_its_batch_back_at_the_head_of_the_lane(monkeypatch:
     assert rec.spills[-1] == ("a", ["a6", "a7", "a8", "a9"])
 
 
+class Handled:
+    """Per key, the numbers of the messages started or parked, in that order (the random tests)."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, list[int]] = {}
+
+    def began(self, tag: str, active: list[str]) -> None:
+        key, number = tag.split(":")
+        assert not any(t.startswith(f"{key}:") for t in active), f"{tag} beside another of its key"
+        active.append(tag)
+        self.numbers.setdefault(key, []).append(int(number))
+
+    def parked(self, batch: list[Any]) -> None:
+        for entry in batch:
+            self.numbers.setdefault(str(entry.key), []).append(int(str(entry.tag).split(":")[1]))
+
+    def put_back(self, batch: list[Any]) -> None:
+        for entry in batch:
+            self.numbers[str(entry.key)].pop()
+
+    def assert_in_order(self) -> None:
+        for key, numbers in self.numbers.items():
+            assert numbers == sorted(numbers), (key, numbers)
+
+
+def record_spills(rec: Spilling, active: list[str]) -> None:
+    """``rec``'s spills are kept for the test to settle, and none may come beside a running message of its key."""
+
+    def spill(partition: int, key: str, batch: list[Any]) -> None:
+        assert not any(t.startswith(f"{key}:") for t in active), f"{key} spilled beside a running one"
+        rec.batches.append(batch)
+
+    rec.lanes.spill = spill
+
+
 def test_random_interleavings_with_spills_keep_each_key_in_order() -> None:
     """Messages run or are parked; per key, what ran before a spill was delivered before it, and
     what is parked keeps the delivery order, as the drain will run it."""
     rng = random.Random(11)
     for _round in range(200):
         rec = Spilling()
-        handled: dict[str, list[int]] = {}  # per key: started or parked, in that order
+        handled = Handled()
         active: list[str] = []
-
-        def spill(partition: int, key: str, batch: list[object], rec: Spilling = rec,
-                  active: list[str] = active) -> None:
-            assert not any(t.startswith(f"{key}:") for t in active), f"{key} spilled beside a running one"
-            rec.batches.append(batch)
-
-        rec.lanes.spill = spill  # type: ignore[assignment]
-
-        def start(tag: str, rec: Spilling = rec, active: list[str] = active,
-                  handled: dict[str, list[int]] = handled) -> None:
-            key, number = tag.split(":")
-            assert not any(t.startswith(f"{key}:") for t in active), f"{tag} beside another of its key"
-            active.append(tag)
-            handled.setdefault(key, []).append(int(number))
-
+        record_spills(rec, active)
         delivered = 0
         for _step in range(80):
             roll = rng.random()
             if rec.batches and roll < 0.2:
                 batch = rec.batches.pop(0)
-                for entry in batch:
-                    handled.setdefault(str(entry.key), []).append(int(str(entry.tag).split(":")[1]))
+                handled.parked(batch)
                 if rng.random() < 0.8:
                     rec.acknowledge([str(e.tag) for e in batch])
                 else:  # put back: the same messages are handled again
-                    for entry in batch:
-                        handled[str(entry.key)].pop()
+                    handled.put_back(batch)
                     rec.lanes.spill_failed(0, str(batch[0].key), batch)
             elif active and roll < 0.6:
                 tag = active.pop(rng.randrange(len(active)))
@@ -448,9 +467,8 @@ def test_random_interleavings_with_spills_keep_each_key_in_order() -> None:
                 key = rng.choice(["a", "a", "a", "b"])
                 tag = f"{key}:{delivered}"
                 delivered += 1
-                rec.lanes.admit(tag, 0, key, lambda tag=tag: start(tag))
-        for key, numbers in handled.items():
-            assert numbers == sorted(numbers), (key, numbers)
+                rec.lanes.admit(tag, 0, key, lambda tag=tag, h=handled, a=active: h.began(tag, a))
+        handled.assert_in_order()
 
 
 def test_a_held_keys_messages_waiting_to_be_parked_leave_the_window_up_to_the_parking_room() -> None:
@@ -670,38 +688,24 @@ def test_random_interleavings_with_taken_back_messages_keep_each_key_in_order() 
     taken_back = 0
     for _round in range(300):
         rec = Claiming()
-        handled: dict[str, list[int]] = {}
+        handled = Handled()
         queued: list[str] = []  # started, not begun
         active: list[str] = []  # begun (running in the pool)
         parked_heads: list[str] = []  # began, found themselves parked: acknowledged by their task
-
-        def spill(partition: int, key: str, batch: list[Any], rec: Claiming = rec,
-                  active: list[str] = active) -> None:
-            assert not any(t.startswith(f"{key}:") for t in active), f"{key} spilled beside a running one"
-            rec.batches.append(batch)
-
-        rec.lanes.spill = spill  # type: ignore[assignment]
-
-        def start(tag: str, queued: list[str] = queued) -> None:
-            queued.append(tag)
-
+        record_spills(rec, active)
         delivered = 0
         for _step in range(100):
             roll = rng.random()
             if rec.batches and roll < 0.15:
                 batch = rec.batches.pop(0)
-                for entry in batch:
-                    handled.setdefault(str(entry.key), []).append(int(str(entry.tag).split(":")[1]))
+                handled.parked(batch)
                 ok = rng.random() < 0.8
-                for entry in batch:
-                    if entry.claim is not None:
-                        entry.claim.resolve(Begin.PARKED if ok else Begin.CHECK)
+                resolve_claims(batch, Begin.PARKED if ok else Begin.CHECK)
                 if ok:
                     taken_back += any(e.started for e in batch)
                     rec.acknowledge([str(e.tag) for e in batch if not e.started])
                 else:
-                    for entry in batch:
-                        handled[str(entry.key)].pop()
+                    handled.put_back(batch)
                     rec.lanes.spill_failed(0, str(batch[0].key), batch)
             elif queued and roll < 0.45:  # the pool begins a started message
                 tag = queued.pop(rng.randrange(len(queued)))
@@ -714,10 +718,7 @@ def test_random_interleavings_with_taken_back_messages_keep_each_key_in_order() 
                 if begin is Begin.PARKED:
                     parked_heads.append(tag)
                     continue
-                key, number = tag.split(":")
-                assert not any(t.startswith(f"{key}:") for t in active), f"{tag} beside another of its key"
-                active.append(tag)
-                handled.setdefault(key, []).append(int(number))
+                handled.began(tag, active)
             elif (active or parked_heads) and roll < 0.7:
                 pool = active if active and (not parked_heads or rng.random() < 0.7) else parked_heads
                 rec.lanes.settled(pool.pop(rng.randrange(len(pool))))
@@ -725,9 +726,8 @@ def test_random_interleavings_with_taken_back_messages_keep_each_key_in_order() 
                 key = rng.choice(["a", "a", "a", "b"])
                 tag = f"{key}:{delivered}"
                 delivered += 1
-                rec.lanes.admit(tag, 0, key, lambda tag=tag: start(tag), claim=rec.claims.new(tag))
-        for key, numbers in handled.items():
-            assert numbers == sorted(numbers), (key, numbers)
+                rec.lanes.admit(tag, 0, key, lambda tag=tag, q=queued: q.append(tag), claim=rec.claims.new(tag))
+        handled.assert_in_order()
     assert taken_back > 50  # the interleavings did take started messages back
 
 

@@ -16,7 +16,7 @@ from ..health import metrics
 from ..pooled import SIDE
 from ..sequencing.claims import Begin
 from ..sequencing.handoff import LOOP
-from ..sequencing.lanes import Entry, Lanes
+from ..sequencing.lanes import Entry, Lanes, resolve_claims
 from ..sequencing.window import worker_running
 from ..transport.frames import written_together
 from . import store
@@ -56,12 +56,10 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
     keeper = getattr(worker, "keeper", None)
     fence = keeper.fence_of(partition) if keeper is not None else None
     versions = BOOK.versions
-    tenure = versions.get(partition)[1] if versions is not None else None
+    tenure = versions.tenure(partition) if versions is not None else None
 
     def failed(error: Any) -> None:
-        for entry in batch:  # the withdrawn head runs after all, as a redelivered copy
-            if entry.claim is not None:
-                entry.claim.resolve(Begin.CHECK)
+        resolve_claims(batch, Begin.CHECK)  # the withdrawn head runs after all, as a redelivered copy
         logger.warning("Could not park %d waiting messages of key %r of partition %s (%s); they run "
                        "through the window one at a time instead.", len(batch), key, partition, error)
         for entry in batch:
@@ -86,9 +84,7 @@ def spill_over(worker: Any, lanes: Lanes, partition: int, key: str, batch: list[
                            "are recognised as parked.", len(batch), exc)
 
     def done(_status: str) -> None:
-        for entry in batch:  # the withdrawn head: its task ends without running, and is acknowledged
-            if entry.claim is not None:
-                entry.claim.resolve(Begin.PARKED)
+        resolve_claims(batch, Begin.PARKED)  # the withdrawn head's task ends without running
         if worker_running():
             LOOP.call(acknowledge)
         else:  # the loop has stopped: the copies that come back are recognised as parked
@@ -149,7 +145,7 @@ def spill_in_worker(key: str, partition: int, deliveries: list[Delivery], fence:
             metrics.count(partition, metrics.LEASE_REFUSED)
             raise LeaseLapsed(f"the lease of partition {partition} may have lapsed")
         versions = BOOK.versions
-        if tenure is not None and versions is not None and versions.get(partition)[1] != tenure:
+        if tenure is not None and versions is not None and versions.tenure(partition) != tenure:
             raise LeaseLapsed(f"partition {partition} started a new tenure")
 
     token = FENCE.set(fence)

@@ -77,8 +77,16 @@ class Claim:
             decided.set()
 
     def drop(self, settled: bool = False) -> None:
-        """The message settled, or left the window, or was recalled: see :meth:`Claims.dropped`."""
-        self._registry.dropped(self, settled)
+        """The message settled, or left the window without beginning here: forget the claim.
+
+        A withdrawn one that did not settle stays until its task begins:
+        the task, still in the pool's queue, must learn whether its spill
+        parked it, whatever became of the window. One that settled will
+        not begin (Celery acknowledged or rejected it without running it).
+        """
+        with self._registry.lock:
+            if settled or not self.withdrawn:
+                self._registry.forget(self)
 
     def begin(self) -> Begin:
         """The pool begins the message: run it, unless a spill took it (then wait for how that went)."""
@@ -132,18 +140,6 @@ class Claims:
         """The message began, or settled, or left the window: its id is free again."""
         if self._by_id.get(claim.task_id) is claim:
             del self._by_id[claim.task_id]
-
-    def dropped(self, claim: Claim, settled: bool = False) -> None:
-        """The message settled, or left the window without beginning here: forget its claim.
-
-        A withdrawn one that did not settle stays until its task begins:
-        the task, still in the pool's queue, must learn whether its spill
-        parked it, whatever became of the window. One that settled will
-        not begin (Celery acknowledged or rejected it without running it).
-        """
-        with self.lock:
-            if settled or not claim.withdrawn:
-                self.forget(claim)
 
     def __len__(self) -> int:
         return len(self._by_id)

@@ -54,6 +54,13 @@ class Entry:
             self.claim.drop(settled)
 
 
+def resolve_claims(entries: list[Entry], outcome: Begin) -> None:
+    """The spill that took ``entries`` ended: tell the task of the withdrawn one among them (if any)."""
+    for entry in entries:
+        if entry.claim is not None:
+            entry.claim.resolve(outcome)
+
+
 @dataclass
 class _Partition:
     #: key -> the entry that started and has not settled.
@@ -348,9 +355,7 @@ class Lanes:
         started message the spill had withdrawn runs after all, as a
         redelivered copy (the spill may have written it before it failed).
         """
-        for entry in batch:
-            if entry.claim is not None:
-                entry.claim.resolve(Begin.CHECK)
+        resolve_claims(batch, Begin.CHECK)
         with self._lock:
             lanes = self._partitions.get(partition)
             current = lanes.spilling.get(key) if lanes is not None else None
