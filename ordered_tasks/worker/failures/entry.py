@@ -30,7 +30,7 @@ def delivered_in_order(request: Any) -> bool:
     return queue_partition(getattr(request, "delivery_info", None)) is not None
 
 
-def refuse_without_lease(request: Any) -> None:
+def refuse_without_lease(request: Any, partition: int) -> None:
     """Hand the message back unless this worker still holds its partition's lease (Redis).
 
     A worker frozen past its lease must not start a message it fetched
@@ -38,7 +38,6 @@ def refuse_without_lease(request: Any) -> None:
     and may have run later messages of its key already. It goes back to the
     head (a no-op once the new owner restored it).
     """
-    partition = delivered_partition(vars(request))
     if not DEADLINES.allows(partition):
         metrics.count(partition, metrics.LEASE_REFUSED)
         logger.warning("Not starting %s: this worker's lease of partition %d may have lapsed; the "
@@ -46,7 +45,7 @@ def refuse_without_lease(request: Any) -> None:
         raise Reject("the partition's lease lapsed", requeue=True)
 
 
-def refuse_from_a_lost_connection(request: Any) -> None:
+def refuse_from_a_lost_connection(request: Any, partition: int) -> None:
     """Hand the message back if the broker connection it arrived on was lost since (RabbitMQ).
 
     RabbitMQ put it back in its place when the connection closed, and may
@@ -59,8 +58,7 @@ def refuse_from_a_lost_connection(request: Any) -> None:
     versions = BOOK.versions
     if tenure is None or versions is None:
         return
-    partition = delivered_partition(vars(request))
-    if partition is not None and versions.tenure(partition) != tenure:
+    if versions.tenure(partition) != tenure:
         logger.warning("Not starting %s: the broker connection it arrived on was lost, and the queue of "
                        "partition %d gave it back to whichever consumer is active now.", request.id,
                        partition)
@@ -74,8 +72,9 @@ class WorkerSide:
         """Run one delivered message: under its partition's lease and fence, through the guard."""
         if not delivered_in_order(request):
             return plain(*args, **kwargs)
-        refuse_without_lease(request)
-        refuse_from_a_lost_connection(request)
+        partition = delivered_partition(vars(request))
+        refuse_without_lease(request, partition)
+        refuse_from_a_lost_connection(request, partition)
         token = FENCE.set(getattr(request, FENCE_ENTRY, None))
         tenure = TENURE.set(getattr(request, TENURE_ENTRY, None))
         try:

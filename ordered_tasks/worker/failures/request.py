@@ -54,7 +54,7 @@ class OrderedRequest(Request):  # type: ignore[misc]
         keeper = setup.keeper if setup is not None else None
         if keeper is not None:
             entries[FENCE_ENTRY] = keeper.fence_of(partition)
-        elif BOOK.versions is not None and partition is not None:  # RabbitMQ: the connection's tenure
+        elif BOOK.versions is not None:  # RabbitMQ: the tenure of the connection it arrived on
             entries[TENURE_ENTRY] = BOOK.versions.tenure(partition)
 
     def acknowledge(self) -> None:
