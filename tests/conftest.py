@@ -210,9 +210,11 @@ class Workers:
             assert time.monotonic() < deadline, f"workers {sorted(waiting)} did not start"
             # A connection of its own each time, not the pool's: the broker may have closed a pooled
             # one (a test closes every connection on RabbitMQ to hand a partition over).
+            # A short timeout: a ping sent before a worker listens is lost (Redis broadcasts with
+            # PUBLISH), and the reply of every worker it reached ends the wait at once.
             try:
                 with self.app.connection_for_write() as connection:
-                    replies = self.app.control.ping(destination=sorted(waiting), timeout=0.5,
+                    replies = self.app.control.ping(destination=sorted(waiting), timeout=0.2,
                                                     connection=connection)
             except (OSError, OperationalError):  # the broker restarting: ask again
                 time.sleep(0.5)

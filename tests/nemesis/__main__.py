@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,21 +45,41 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[bool, str]:
     env.setdefault("TEST_DB_NAME", "ordered_tasks_nemesis")
     command = [sys.executable, "-m", "pytest", "tests/test_nemesis.py", "-k", f"test_nemesis and {args.broker}",
                "-p", "no:cacheprovider", "-q", "-s", "-rN"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    output = done.stdout + done.stderr
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            returncode = child.wait()
+        except BaseException:  # Ctrl-C or SIGTERM: the seed's run heals its faults and ends its workers
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(120)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+        log.seek(0)
+        output = log.read()
     report = [line for line in output.splitlines() if line.startswith(("nemesis seed", "switches on", "  ["))]
-    return done.returncode == 0, "\n".join(report) or output[-3000:]
+    return returncode == 0, "\n".join(report) or output[-3000:]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: the running seed is stopped cleanly
     Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
     deadline = time.monotonic() + args.minutes * 60
     failed: list[int] = []
     runs = 0
     while time.monotonic() < deadline:
-        ok, report = run_seed(args, seed)
+        try:
+            ok, report = run_seed(args, seed)
+        except KeyboardInterrupt:
+            print(f"seed {seed}: interrupted (its faults healed, its workers stopped)", flush=True)
+            return 130
         runs += 1
         print(f"seed {seed}: {'ok' if ok else 'FAILED'}", flush=True)
         if not ok:

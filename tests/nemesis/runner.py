@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -300,6 +302,27 @@ def heal(driver: Driver, faults: list[h.Fault], sampler: Sampler, deadline: floa
         time.sleep(1.0)
 
 
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM stops the run as Ctrl-C does: the nemesis continues the workers it stopped, fixtures end them.
+
+    Without it a terminated run leaves a worker stopped (SIGSTOP) beside its
+    launcher, which holds the test database and the leases of the next run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(app: Celery, broker: str, start_workers: Callable[..., Any], results: redis.Redis, seed: int,
         the_plan: Plan) -> Outcome:
     """One run of ``the_plan`` with ``seed``: the history and what the checker found."""
@@ -316,7 +339,7 @@ def run(app: Celery, broker: str, start_workers: Callable[..., Any], results: re
                       lambda: start_workers(the_plan.processes, *options, ready=False, window=window),
                       the_plan.disruptive, slots=concurrency)
     driver = Driver(app, results, run_id, prefix, seed)
-    with Sampler(app) as sampler:
+    with interruptible(), Sampler(app) as sampler:
         nemesis.start()
         try:
             with app.producer_or_acquire() as producer:  # one connection: one producer's publish order
