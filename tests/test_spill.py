@@ -19,7 +19,7 @@ from ordered_tasks import partition_for
 from ordered_tasks.conf import get_settings
 from ordered_tasks.models import AccountState, ParkedMessage
 from ordered_tasks.states import KeyStatus
-from ordered_tasks.worker.delivery import Delivery
+from ordered_tasks.worker.delivery import Delivery, json_safe
 from ordered_tasks.worker.failures import control, spill, store
 from ordered_tasks.worker.failures.book import BOOK
 from ordered_tasks.worker.pooled import SideThread, run_in_pool
@@ -327,18 +327,20 @@ def test_rows_inserted_in_one_copy_read_back_as_django_would_have_saved_them() -
 
     from ordered_tasks.worker.failures.bulk import insert_parked
 
-    headers = {"nested": {"list": [1, 2.5, None, True], "text": "é ✓ \\ \" \t\n"}, "empty": {}}
+    headers = {"nested": {"list": [1, 2.5, None, True], "text": "é ✓ \\ \" \t\n"}, "empty": {},
+               "not json": (b"raw", (3, 4))}
     body = b"\x00\x01 \\N \t\n\xff" + "é".encode()
 
-    def rows(key: str) -> list[ParkedMessage]:
-        return [ParkedMessage(key=key, partition=3, position=n, reason=ParkedMessage.Reason.OVERFLOW,
-                              task_name="t", task_id=f"id-{n}", body=body, content_type="application/json",
-                              content_encoding="utf-8", headers={**headers, "n": n}) for n in (1, 2)]
+    def rows(key: str) -> list[dict[str, Any]]:
+        return [dict(key=key, partition=3, position=n, reason=ParkedMessage.Reason.OVERFLOW,
+                     task_name="t", task_id=f"id-{n}", body=body, content_type="application/json",
+                     content_encoding="utf-8", headers={**headers, "n": n}) for n in (1, 2)]
 
     before = timezone.now()
     assert insert_parked(rows("copied")) == 2
     after = timezone.now()
-    ParkedMessage.objects.bulk_create(rows("created"))
+    ParkedMessage.objects.bulk_create([ParkedMessage(**{**row, "headers": json_safe(row["headers"])})
+                                       for row in rows("created")])
     assert insert_parked([]) == 0
     fields = [f.attname for f in ParkedMessage._meta.concrete_fields
               if f.attname not in ("id", "key", "created_at", "updated_at")]
@@ -355,6 +357,7 @@ def test_rows_inserted_in_one_copy_read_back_as_django_would_have_saved_them() -
 
     assert stored("copied") == stored("created") and len(stored("copied")) == 2
     assert stored("copied")[0]["body"] == body and stored("copied")[1]["headers"]["n"] == 2
+    assert stored("copied")[0]["headers"]["not json"] == ["b'raw'", [3, 4]]  # what is not JSON: its repr
     assert connection.vendor == "postgresql"  # the test database: the COPY path ran
 
 
@@ -374,13 +377,14 @@ def test_a_database_that_refuses_copy_gets_its_rows_with_insert_from_then_on(
     monkeypatch.setattr(bulk._Copy, "works", True)
     monkeypatch.setattr(psycopg.Cursor, "copy", refuse)
     key = same_partition_keys(1)[0]
-    row = ParkedMessage(key=key, partition=partition_for(key), position=1, reason=ParkedMessage.Reason.OVERFLOW,
-                        body=b"{}", headers={})
+    row = dict(key=key, partition=partition_for(key), position=1, reason=ParkedMessage.Reason.OVERFLOW,
+               body=b"{}", headers={"not json": b"raw"})
     with pytest.raises(NotSupportedError), transaction.atomic():
         bulk.insert_parked([row])
     assert not bulk._Copy.works and "refused COPY" in caplog.text
     assert bulk.insert_parked([row]) == 1
     assert ParkedMessage.objects.filter(key=key).count() == 1
+    assert ParkedMessage.objects.get(key=key).headers == {"not json": "b'raw'"}  # as COPY writes it
 
 
 @pytest.mark.django_db
@@ -400,3 +404,35 @@ def test_the_spill_thread_parks_the_messages_as_their_tasks_read_them(wakes: lis
     assert [json.loads(bytes(r.body))[1]["seq"] for r in rows] == [1, 2, 3]
     assert all("compression" not in r.headers and r.reason == ParkedMessage.Reason.OVERFLOW for r in rows)
     assert wakes == [key]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_locked_key_row_reads_as_the_orm_reads_it_and_stays_locked_until_its_transaction_ends() -> None:
+    """``locked_row``'s own statement (PostgreSQL) gives the row the ORM gives, and locks it."""
+    import psycopg
+    from django.db import connection, transaction
+
+    from ordered_tasks.models import _select_for_update, locked_row
+
+    key = same_partition_keys(1)[0]
+    AccountState.objects.create(key=key, partition=partition_for(key), status=KeyStatus.RETRYING, epoch=3,
+                                sequence=12, retry_at=timezone.now(), last_error="é \\ ✓", failures=2)
+    fields = [f.attname for f in AccountState._meta.concrete_fields]
+    with transaction.atomic():
+        locked = locked_row(AccountState, {"key": key})
+        read = AccountState.objects.get(key=key)
+        assert [getattr(locked, name) for name in fields] == [getattr(read, name) for name in fields]
+        assert locked.retry_at is not None and locked.retry_at.tzinfo is not None
+        assert not locked._state.adding and locked._state.db == read._state.db
+        settings = connection.settings_dict
+        with psycopg.connect(host=settings["HOST"] or None, port=settings["PORT"] or None,
+                             user=settings["USER"], dbname=settings["NAME"], autocommit=True) as other:
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute(f"SELECT 1 FROM {AccountState._meta.db_table} WHERE key = %s FOR UPDATE NOWAIT",
+                              [key])
+        locked.sequence += 1
+        locked.save(update_fields=["sequence"])
+    assert AccountState.objects.get(key=key).sequence == 13
+    with transaction.atomic():
+        assert _select_for_update(AccountState, {"key": key + "-none"}) is None
+    assert connection.vendor == "postgresql"  # the statement of its own ran

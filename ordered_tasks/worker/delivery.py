@@ -71,9 +71,14 @@ def delivered_partition(entries: Mapping[str, Any]) -> int:
         return -1
 
 
+def json_text(value: Any) -> str:
+    """``value`` as JSON text (anything that is not JSON data becomes its repr)."""
+    return json.dumps(value, default=repr)
+
+
 def json_safe(value: Any) -> Any:
     """``value`` as plain JSON data (anything else becomes its repr)."""
-    return json.loads(json.dumps(value, default=repr))
+    return json.loads(json_text(value))
 
 
 @dataclass
@@ -115,8 +120,13 @@ class Delivery:
         )
 
     @classmethod
-    def from_message(cls, message: Any, partition: int) -> Delivery:
-        """The raw message as the broker delivered it (nothing decoded)."""
+    def from_message(cls, message: Any, partition: int, plain_headers: bool = True) -> Delivery:
+        """The raw message as the broker delivered it (nothing decoded).
+
+        Its headers are made plain JSON data, unless ``plain_headers`` is
+        False: the caller then writes them with :func:`json_text` (a spill's
+        ``COPY``), which saves reading them back.
+        """
         headers = message.headers if isinstance(message.headers, Mapping) else {}
         body = message.body
         if isinstance(body, str):
@@ -127,5 +137,6 @@ class Delivery:
             partition=partition,  # the queue's; a foreign header may be missing or wrong
             task_name=str(headers.get("task") or ""), task_id=str(headers.get("id") or ""),
             body=bytes(body or b""), content_type=message.content_type or "",
-            content_encoding=message.content_encoding or "", headers=json_safe(dict(headers)),
+            content_encoding=message.content_encoding or "",
+            headers=json_safe(dict(headers)) if plain_headers else dict(headers),
         )

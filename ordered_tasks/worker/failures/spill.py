@@ -31,9 +31,10 @@ def spilled_delivery(message: Any, partition: int, key: str) -> Delivery:
     """The message as it is parked: its body as its task reads it.
 
     kombu's ``Message`` has already decompressed the body of a compressed
-    message (Celery's ``task_compression``), so the header goes.
+    message (Celery's ``task_compression``), so the header goes. Its
+    headers stay as delivered: the spill writes them as JSON text once.
     """
-    delivery = Delivery.from_message(message, partition)
+    delivery = Delivery.from_message(message, partition, plain_headers=False)
     delivery.key = key
     delivery.headers.pop("compression", None)
     return delivery

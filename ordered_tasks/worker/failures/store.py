@@ -73,15 +73,20 @@ def check_fence(partition: int, fence: int) -> None:
         )
 
 
-def _new_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
-    """The next parked row of the key (not saved yet)."""
+def _new_values(account: AccountState, delivery: Delivery, **fields: Any) -> dict[str, Any]:
+    """The field values of the key's next parked row (the other fields take their defaults)."""
     account.sequence += 1
-    return ParkedMessage(**{
+    return {
         "key": delivery.key, "partition": delivery.partition, "position": account.sequence,
         "task_name": delivery.task_name[:255], "task_id": delivery.task_id[:255], "body": delivery.body,
         "content_type": delivery.content_type, "content_encoding": delivery.content_encoding,
         "headers": delivery.headers, **fields,
-    })
+    }
+
+
+def _new_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
+    """The next parked row of the key (not saved yet)."""
+    return ParkedMessage(**_new_values(account, delivery, **fields))
 
 
 def _add_row(account: AccountState, delivery: Delivery, **fields: Any) -> ParkedMessage:
@@ -132,7 +137,7 @@ def spill(key: str, partition: int, deliveries: list[Delivery],
             before_write()
         known = parked_ids(key, [d.task_id for d in deliveries if d.task_id])
         parked = insert_parked([  # one statement for the batch
-            _new_row(state, delivery, reason=Reason.OVERFLOW) for delivery in deliveries
+            _new_values(state, delivery, reason=Reason.OVERFLOW) for delivery in deliveries
             if not delivery.task_id or delivery.task_id not in known])
         _count_parked(partition, Reason.OVERFLOW, parked)
         held_now = state.status == KeyStatus.ACTIVE
