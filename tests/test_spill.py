@@ -407,8 +407,9 @@ def test_the_spill_thread_parks_the_messages_as_their_tasks_read_them(wakes: lis
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_locked_key_row_reads_as_the_orm_reads_it_and_stays_locked_until_its_transaction_ends() -> None:
-    """``locked_row``'s own statement (PostgreSQL) gives the row the ORM gives, and locks it."""
+def test_a_locked_key_row_reads_as_the_orm_reads_it_and_is_written_back_field_by_field() -> None:
+    """``locked_row``'s own statement (PostgreSQL) gives the row the ORM gives, and locks it until its
+    transaction ends; ``write`` stores only the fields it is given, with the row's activity."""
     import psycopg
     from django.db import connection, transaction
 
@@ -430,9 +431,12 @@ def test_a_locked_key_row_reads_as_the_orm_reads_it_and_stays_locked_until_its_t
             with pytest.raises(psycopg.errors.LockNotAvailable):
                 other.execute(f"SELECT 1 FROM {AccountState._meta.db_table} WHERE key = %s FOR UPDATE NOWAIT",
                               [key])
-        locked.sequence += 1
-        locked.save(update_fields=["sequence"])
-    assert AccountState.objects.get(key=key).sequence == 13
+        before = timezone.now()
+        locked.sequence, locked.status, locked.failures = 13, KeyStatus.ACTIVE, 99  # failures: not written
+        locked.write(["sequence", "status"])
+    written = AccountState.objects.get(key=key)
+    assert (written.sequence, written.status, written.failures, written.epoch) == (13, "active", 2, 3)
+    assert written.updated_at >= before and written.last_activity is not None and written.last_activity >= before
     with transaction.atomic():
         assert _select_for_update(AccountState, {"key": key + "-none"}) is None
     assert connection.vendor == "postgresql"  # the statement of its own ran

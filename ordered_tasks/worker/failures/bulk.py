@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from datetime import datetime
 from typing import Any
 
 from django.db import NotSupportedError, connections, models, router
@@ -54,7 +54,8 @@ def insert_parked(rows: list[dict[str, Any]]) -> int:
         if not hasattr(raw, "copy"):  # psycopg2
             return _bulk_create(rows)
         now = timezone.now()
-        defaults = [(f.attname, _default(f, now), isinstance(f, models.JSONField)) for f in fields]
+        defaults = [(name, now if default is _NOW else default, json_field)
+                    for name, default, json_field in _defaults()]
         try:
             with connection.wrap_database_errors, raw.copy(statement) as copy:
                 for row in rows:
@@ -76,11 +77,25 @@ def _bulk_create(rows: list[dict[str, Any]]) -> int:
     return len(rows)
 
 
-def _default(field: models.Field[Any, Any], now: datetime) -> Any:
-    """What ``field`` of a new row holds when the row does not say, as ``COPY`` writes it."""
-    if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-        return now
-    return _copy_value(field.get_default(), isinstance(field, models.JSONField))
+#: Stands for the time of the batch among the defaults.
+_NOW = object()
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> list[tuple[str, Any, bool]]:
+    """Per column ``COPY`` writes: its field's name, what a new row holds there, whether it is JSON.
+
+    ``auto_now`` fields hold :data:`_NOW`, the time of the batch.
+    """
+    defaults = []
+    for field in _copy_fields() or []:
+        json_field = isinstance(field, models.JSONField)
+        if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+            default = _NOW
+        else:
+            default = _copy_value(field.get_default(), json_field)
+        defaults.append((field.attname, default, json_field))
+    return defaults
 
 
 def parked_ids(key: str, task_ids: list[str]) -> set[str]:
@@ -108,6 +123,7 @@ def parked_ids(key: str, task_ids: list[str]) -> set[str]:
         return {row[0] for row in cursor.fetchall()}
 
 
+@functools.lru_cache(maxsize=1)
 def _copy_fields() -> list[models.Field[Any, Any]] | None:
     """The columns ``COPY`` writes, as ``bulk_create`` would; None if one needs the database's default."""
     # ``generated`` and ``db_default`` are Django 5's.

@@ -147,7 +147,7 @@ def spill(key: str, partition: int, deliveries: list[Delivery],
             state.status = KeyStatus.RETRYING
             state.retry_at = timezone.now()
             changed += ["epoch", "status", "retry_at"]
-        state.save(update_fields=changed)
+        state.write(changed)
     return state, held_now
 
 
