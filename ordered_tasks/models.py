@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from django.db import connections, models, router
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
 from .partitioning import MAX_KEY_LENGTH
@@ -40,6 +41,8 @@ def _select_for_update(model: Any, lookup: dict[str, Any]) -> Any:
     connection = connections[router.db_for_write(model)]
     if connection.vendor != "postgresql":
         return model.objects.select_for_update().filter(**lookup).first()
+    if not connection.in_atomic_block:  # as the ORM's select_for_update says
+        raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
     names = tuple(sorted(lookup))
     fields, statement = _locking_statement(model, names, connection.alias)
     with connection.cursor() as cursor:

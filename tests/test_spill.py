@@ -412,6 +412,7 @@ def test_a_locked_key_row_reads_as_the_orm_reads_it_and_is_written_back_field_by
     transaction ends; ``write`` stores only the fields it is given, with the row's activity."""
     import psycopg
     from django.db import connection, transaction
+    from django.db.transaction import TransactionManagementError
 
     from ordered_tasks.models import _select_for_update, locked_row
 
@@ -439,4 +440,6 @@ def test_a_locked_key_row_reads_as_the_orm_reads_it_and_is_written_back_field_by
     assert written.updated_at >= before and written.last_activity is not None and written.last_activity >= before
     with transaction.atomic():
         assert _select_for_update(AccountState, {"key": key + "-none"}) is None
+    with pytest.raises(TransactionManagementError):  # a lock outside a transaction would hold nothing
+        locked_row(AccountState, {"key": key})
     assert connection.vendor == "postgresql"  # the statement of its own ran
