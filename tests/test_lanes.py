@@ -576,20 +576,101 @@ def test_a_join_still_unanswered_when_its_partition_moves_on_is_not_asked_again(
     assert asked == [1] and consumer.timer.due == []
 
 
-def test_a_copy_of_a_task_still_running_in_this_worker_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
+class _Request:
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+        self.name = "t"
+
+
+def test_a_copy_of_a_task_still_running_in_this_worker_or_waiting_in_its_pool_is_recognised() -> None:
     """A worker frozen past its lease that gets it back fetches again what it held, while the task
-    it was running may still run: the copy is handed back in place until it ended."""
+    it had handed to its pool may still run there, or not have begun yet (a pool's queue): the copy
+    is handed back in place until it ended."""
     from types import SimpleNamespace
 
     from celery.worker import state
 
     from ordered_tasks.worker.consumer import _still_running_here
 
-    running = SimpleNamespace(id="task-1")
-    monkeypatch.setattr(state, "active_requests", [running])
-    assert _still_running_here(SimpleNamespace(headers={"id": "task-1"}))
-    assert not _still_running_here(SimpleNamespace(headers={"id": "task-2"}))
-    assert not _still_running_here(SimpleNamespace(headers=None))
+    waiting, running = _Request("task-1"), _Request("task-2")
+    state.task_reserved(waiting)  # handed to the pool, not begun
+    state.task_reserved(running)
+    state.task_accepted(running)
+    try:
+        assert _still_running_here(SimpleNamespace(headers={"id": "task-1"}))
+        assert _still_running_here(SimpleNamespace(headers={"id": "task-2"}))
+        assert not _still_running_here(SimpleNamespace(headers={"id": "task-3"}))
+        assert not _still_running_here(SimpleNamespace(headers=None))
+        state.task_ready(waiting)
+        assert not _still_running_here(SimpleNamespace(headers={"id": "task-1"}))
+    finally:
+        state.task_ready(waiting)
+        state.task_ready(running)
+
+
+def test_a_deferred_message_is_not_admitted_once_its_partition_was_dropped() -> None:
+    """A retry's wake-up waits for its time outside the lanes; if its partition went back to its queue
+    meanwhile, its copy may be delivered again (on Redis under the same tag) and it is not admitted."""
+    lanes, started = Lanes(), []
+    stale = lanes.defer(0)
+    lanes.drop_partition(0)  # a new tenure: what the worker held went back to the queue
+    fresh = lanes.defer(0)  # the copy, delivered again, waits for its time too
+    assert not lanes.admit("w", 0, "k", lambda: started.append("stale"), control=True, deferred=stale)
+    assert started == [] and lanes.entry("w") is None
+    assert lanes.admit("w", 0, "k", lambda: started.append("copy"), control=True, deferred=fresh)
+    assert started == ["copy"]
+    assert not lanes.admit("w", 0, "k", lambda: started.append("twice"), control=True, deferred=fresh)
+    other = lanes.defer(1)
+    lanes.drop_partition(0)  # another partition's deferred messages stay
+    assert lanes.admit("v", 1, "j", lambda: started.append("other"), control=True, deferred=other)
+    assert started == ["copy", "other"]
+
+
+def test_a_wake_up_that_comes_due_after_its_partition_moved_on_is_dropped() -> None:
+    """The window's side: a control message with a future ``eta`` is admitted by the consumer's timer,
+    only if its partition was not dropped meanwhile."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.sequencing.window import admit
+    from tests.testapp.celery import app
+
+    app.finalize(auto=True)
+    eta = (datetime.now(timezone.utc) + timedelta(seconds=30)).isoformat()
+    for dropped in (False, True):
+        lanes, started = Lanes(), []
+        consumer = SimpleNamespace(app=app, timer=_Timer())
+        message = SimpleNamespace(headers={"task": "ordered_tasks.control", "ordered_key": "k", "eta": eta,
+                                           "id": "wake"}, delivery_tag="t", channel=SimpleNamespace(lanes=lanes))
+        assert admit(consumer, message, 3, lambda: started.append("wake"))
+        assert started == [] and lanes.entry("t") is None and len(consumer.timer.due) == 1
+        if dropped:
+            lanes.drop_partition(3)
+        consumer.timer.due.pop()()
+        assert started == ([] if dropped else ["wake"])
+
+
+def test_a_message_handed_back_in_place_does_not_start_a_copy_that_took_its_tag() -> None:
+    """On Redis a copy restored in a new tenure keeps its delivery tag: the pause of the message handed
+    back before must not start the copy a second time."""
+    from types import SimpleNamespace
+
+    from ordered_tasks.worker.sequencing.window import hand_back_in_place
+
+    lanes, started = Lanes(), []
+    consumer = SimpleNamespace(timer=_Timer())
+    message = SimpleNamespace(headers={"id": "m"}, delivery_tag="t", channel=SimpleNamespace(lanes=lanes))
+    lanes.admit("t", 0, "k", lambda: started.append("first"), message)
+    assert hand_back_in_place(consumer, message) and len(consumer.timer.due) == 1
+    lanes.drop_partition(0)
+    lanes.admit("t", 0, "k", lambda: started.append("copy"), message)  # delivered again, started
+    consumer.timer.due.pop()()
+    assert started == ["first", "copy"]
+    lanes.drop_partition(0)
+    lanes.admit("t", 0, "k", lambda: started.append("again"), message)
+    assert hand_back_in_place(consumer, message)
+    consumer.timer.due.pop()()  # its own entry: it runs again in place
+    assert started == ["first", "copy", "again", "again"]
 
 
 class Claiming(Spilling):

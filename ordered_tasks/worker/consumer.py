@@ -40,16 +40,20 @@ logger = logging.getLogger(__name__)
 
 
 def _still_running_here(message: Any) -> bool:
-    """Whether a copy of ``message`` (its task id) still runs in this worker.
+    """Whether a copy of ``message`` (its task id) still runs in this worker, or waits in its pool.
 
     A worker frozen past its lease that gets the lease back puts what it
     held back at the head of the queue, and fetches it again, while the task
-    it was running when it froze may not have finished yet: the copy must
-    not run beside it.
+    it had handed to its pool may not have finished yet, or not even begun
+    (a pool's queue, a retry's wake-up that came due as the worker woke):
+    the copy must not run beside it. Celery counts a request as reserved
+    from when it goes to the pool, and as active once it began, until it is
+    done.
     """
     headers = message.headers if isinstance(message.headers, dict) else {}
     task_id = headers.get("id")
-    return task_id is not None and any(request.id == task_id for request in list(state.active_requests))
+    request = state.requests.get(task_id) if isinstance(task_id, str) else None
+    return request is not None and (request in state.active_requests or request in state.reserved_requests)
 
 
 def _is_amqp(consumer: Any) -> bool:

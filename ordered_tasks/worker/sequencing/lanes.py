@@ -161,6 +161,8 @@ class Lanes:
         self._to_spill: deque[tuple[int, str, list[Entry]]] = deque()
         #: key -> until when (monotonic) it is not spilled again, after a failed spill.
         self._no_spill: dict[str, float] = {}
+        #: partition -> tokens of the messages that wait to be admitted later (see :meth:`defer`).
+        self._deferred: dict[int, set[object]] = {}
         self._starting = False
 
     def __len__(self) -> int:
@@ -168,13 +170,36 @@ class Lanes:
 
     def admit(self, tag: Hashable, partition: int, key: str | None, start: Callable[[], Any],
               message: Any = None, control: bool = False, spillable: bool = True,
-              claim: Claim | None = None) -> None:
-        """A message of ``partition`` and ``key`` (``BARRIER``: unknown) was delivered."""
+              claim: Claim | None = None, deferred: object | None = None) -> bool:
+        """A message of ``partition`` and ``key`` (``BARRIER``: unknown) was delivered.
+
+        ``deferred``: the token :meth:`defer` gave it when it was delivered;
+        False (and nothing admitted) if its partition was dropped since.
+        """
         entry = Entry(tag, partition, key, start, message, control=control, spillable=spillable, claim=claim)
         with self._lock:
+            if deferred is not None:
+                pending = self._deferred.get(partition)
+                if pending is None or deferred not in pending:
+                    return False
+                pending.discard(deferred)
             self._by_tag[tag] = entry
             self._place(self._partitions.setdefault(partition, _Partition()), entry)
         self.run_on_loop(self._run)
+        return True
+
+    def defer(self, partition: int) -> object:
+        """A delivered message of ``partition`` is admitted later (a retry's wake-up waits for its time).
+
+        Returns the token to admit it with. Dropping the partition meanwhile
+        cancels it: the message went back to its queue, and its copy may be
+        delivered again (on Redis under the same tag) before it would have
+        been admitted.
+        """
+        token = object()
+        with self._lock:
+            self._deferred.setdefault(partition, set()).add(token)
+        return token
 
     def _place(self, lanes: _Partition, entry: Entry) -> None:
         if lanes.barrier is not None:
@@ -435,6 +460,7 @@ class Lanes:
         """
         with self._lock:
             lanes = self._partitions.pop(partition, None)
+            self._deferred.pop(partition, None)
             self._to_spill = deque(spill for spill in self._to_spill if spill[0] != partition)
             if lanes is None:
                 return []

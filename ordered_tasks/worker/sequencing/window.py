@@ -230,8 +230,15 @@ def admit(consumer: Any, message: Any, partition: int, start: Callable[[], Any])
         release = getattr(getattr(message.channel, "qos", None), "hold", None)
         if release is not None:
             release(tag)  # Redis: its slot in the window is free until it is due
-        consumer.timer.call_after(delay, lanes.admit, (tag, partition, key, start, message, True, False),
-                                  priority=6)
+        waiting = lanes.defer(partition)
+
+        def due() -> None:
+            if not lanes.admit(tag, partition, key, start, message, control=True, spillable=False,
+                               deferred=waiting):
+                logger.info("Control message %s came due after its partition went back to its queue; it "
+                            "comes back with the partition.", _task_id(message))
+
+        consumer.timer.call_after(delay, due, priority=6)
         return True
     headers = message.headers if isinstance(message.headers, dict) else {}
     if not control and key is not BARRIER and not isinstance(headers.get(KEY_HEADER), str):
@@ -294,10 +301,12 @@ def hand_back_in_place(consumer: Any, message: Any) -> bool:
     timer = getattr(consumer, "timer", None)
     if lanes is None or timer is None or not lanes.is_running(tag):
         return False
+    handed_back = lanes.entry(tag)
 
     def again() -> None:
         entry = lanes.entry(tag)
-        if entry is None or not entry.started:
+        # Not another entry of the same tag: on Redis a copy restored in a new tenure keeps it.
+        if entry is None or entry is not handed_back or not entry.started:
             logger.warning("Message %s was handed back in place, and its partition has moved on since; "
                            "it comes back with the partition.", _task_id(message))
             return
