@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import threading
@@ -642,7 +643,7 @@ def test_a_wake_up_that_comes_due_after_its_partition_moved_on_is_dropped() -> N
         consumer = SimpleNamespace(app=app, timer=_Timer())
         message = SimpleNamespace(headers={"task": "ordered_tasks.control", "ordered_key": "k", "eta": eta,
                                            "id": "wake"}, delivery_tag="t", channel=SimpleNamespace(lanes=lanes))
-        assert admit(consumer, message, 3, lambda: started.append("wake"))
+        assert admit(consumer, message, 3, functools.partial(started.append, "wake"))
         assert started == [] and lanes.entry("t") is None and len(consumer.timer.due) == 1
         if dropped:
             lanes.drop_partition(3)
