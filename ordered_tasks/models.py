@@ -44,15 +44,15 @@ def _select_for_update(model: Any, lookup: dict[str, Any]) -> Any:
     if not connection.in_atomic_block:  # as the ORM's select_for_update says
         raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
     names = tuple(sorted(lookup))
-    fields, statement = _locking_statement(model, names, connection.alias)
+    attnames, converters, statement = _locking_statement(model, names, connection.alias)
     with connection.cursor() as cursor:
         cursor.execute(statement, [lookup[name] for name in names])
         row = cursor.fetchone()
     if row is None:
         return None
-    values = [field.from_db_value(value, None, connection) if hasattr(field, "from_db_value") else value
-              for field, value in zip(fields, row, strict=True)]
-    return model.from_db(connection.alias, [field.attname for field in fields], values)
+    values = [value if convert is None else convert(value, None, connection)
+              for convert, value in zip(converters, row, strict=True)]
+    return model.from_db(connection.alias, attnames, values)
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,13 +65,16 @@ def _updating_statement(model: Any, names: tuple[str, ...], alias: str) -> tuple
 
 
 @functools.lru_cache(maxsize=16)
-def _locking_statement(model: Any, names: tuple[str, ...], alias: str) -> tuple[list[Any], str]:
+def _locking_statement(model: Any, names: tuple[str, ...],
+                       alias: str) -> tuple[list[str], list[Any], str]:
+    """The row's field names, each field's ``from_db_value`` (or None), and the locking statement."""
     quote = connections[alias].ops.quote_name
     meta = model._meta
     fields = list(meta.concrete_fields)
     where = " AND ".join(f"{quote(meta.get_field(name).column)} = %s" for name in names)
     columns = ", ".join(quote(field.column) for field in fields)
-    return fields, f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {where} FOR UPDATE"
+    return ([field.attname for field in fields], [getattr(field, "from_db_value", None) for field in fields],
+            f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {where} FOR UPDATE")
 
 #: The statuses of :class:`~ordered_tasks.states.KeyStatus`, by their old names.
 ACTIVE, RETRYING, BLOCKED = KeyStatus.ACTIVE.value, KeyStatus.RETRYING.value, KeyStatus.BLOCKED.value

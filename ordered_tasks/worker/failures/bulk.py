@@ -44,11 +44,9 @@ def insert_parked(rows: list[dict[str, Any]]) -> int:
     if not rows:
         return 0
     connection = connections[router.db_for_write(ParkedMessage)]
-    fields = _copy_fields()
-    if connection.vendor != "postgresql" or fields is None or not _Copy.works:
+    if connection.vendor != "postgresql" or _copy_fields() is None or not _Copy.works:
         return _bulk_create(rows)
-    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
-    statement = f"COPY {connection.ops.quote_name(str(ParkedMessage._meta.db_table))} ({columns}) FROM STDIN"
+    statement = _copy_statement(connection.alias)
     with connection.cursor() as cursor:
         raw = cursor.cursor
         if not hasattr(raw, "copy"):  # psycopg2
@@ -75,6 +73,13 @@ def _bulk_create(rows: list[dict[str, Any]]) -> int:
         ParkedMessage(**{**row, **{name: json_safe(row[name]) for name in json_fields if name in row}})
         for row in rows])
     return len(rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _copy_statement(alias: str) -> str:
+    quote = connections[alias].ops.quote_name
+    columns = ", ".join(quote(str(f.column)) for f in _copy_fields() or [])
+    return f"COPY {quote(str(ParkedMessage._meta.db_table))} ({columns}) FROM STDIN"
 
 
 #: Stands for the time of the batch among the defaults.
